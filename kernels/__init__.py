@@ -1,0 +1,1 @@
+"""Triton kernels, each next to its torch reference, with dispatchers that use the reference on CPU."""

@@ -1,0 +1,1 @@
+"""The NextStep model family: architecture, checkpoint loading, samplers, VAE and the reference generator."""

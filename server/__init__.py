@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server, job queues, engine and workers."""
