@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import NextStepConfig
+from .layers import Linear
 from .rope import apply_rotary
 
 
@@ -79,10 +80,10 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=config.attention_bias)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_attention_bias)
+        self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=config.o_attention_bias)
 
     def forward(self, x, cos, sin, cache: KVCache, layer: int) -> torch.Tensor:
         """x: [B, T, hidden]; cos/sin: [1, T, head_dim] -> [B, T, hidden]."""
@@ -101,9 +102,9 @@ class MLP(nn.Module):
     def __init__(self, config: NextStepConfig):
         super().__init__()
         hidden, inner = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(hidden, inner, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(hidden, inner, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(inner, hidden, bias=config.mlp_bias)
+        self.gate_proj = Linear(hidden, inner, bias=config.mlp_bias)
+        self.up_proj = Linear(hidden, inner, bias=config.mlp_bias)
+        self.down_proj = Linear(inner, hidden, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .layers import Linear
 
 TIME_FREQUENCY_DIM = 256
 
@@ -27,7 +28,7 @@ def timestep_embedding(t: torch.Tensor, dim: int = TIME_FREQUENCY_DIM) -> torch.
 class TimestepEmbedder(nn.Module):
     def __init__(self, width: int):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(TIME_FREQUENCY_DIM, width), nn.SiLU(), nn.Linear(width, width))
+        self.mlp = nn.Sequential(Linear(TIME_FREQUENCY_DIM, width), nn.SiLU(), Linear(width, width))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """t: [B] -> [B, width] in the module's dtype."""
@@ -42,8 +43,8 @@ class ResBlock(nn.Module):
     def __init__(self, width: int):
         super().__init__()
         self.in_ln = nn.LayerNorm(width, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+        self.mlp = nn.Sequential(Linear(width, width), nn.SiLU(), Linear(width, width))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(width, 3 * width))
 
     def forward(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """h, y: [B, width] -> [B, width]."""
@@ -56,8 +57,8 @@ class FinalLayer(nn.Module):
     def __init__(self, width: int, token_dim: int):
         super().__init__()
         self.norm_final = nn.LayerNorm(width, eps=1e-6, elementwise_affine=False)
-        self.linear = nn.Linear(width, token_dim)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.linear = Linear(width, token_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(width, 2 * width))
 
     def forward(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(y).chunk(2, dim=-1)
@@ -68,8 +69,8 @@ class FlowMatchingNet(nn.Module):
     def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int):
         super().__init__()
         self.time_embed = TimestepEmbedder(width)
-        self.cond_embed = nn.Linear(cond_dim, width)
-        self.input_proj = nn.Linear(token_dim, width)
+        self.cond_embed = Linear(cond_dim, width)
+        self.input_proj = Linear(token_dim, width)
         self.res_blocks = nn.ModuleList(ResBlock(width) for _ in range(depth))
         self.final_layer = FinalLayer(width, token_dim)
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from .config import NextStepConfig
 from .decoder import DecoderLayer, KVCache, RMSNorm
+from .layers import Linear
 from .head import FlowMatchingHead
 from .rope import RotaryEmbedding
 
@@ -24,8 +25,8 @@ class NextStepModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, hidden)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(hidden, config.rms_norm_eps)
-        self.image_in_projector = nn.Linear(config.token_dim, hidden)
-        self.image_out_projector = nn.Linear(hidden, hidden)
+        self.image_in_projector = Linear(config.token_dim, hidden)
+        self.image_out_projector = Linear(hidden, hidden)
         self.image_head = FlowMatchingHead(config.token_dim, hidden, config.fm_head_dim, config.fm_head_layers)
         if config.use_gen_pos_embed:
             grid = config.base_image_grid_size

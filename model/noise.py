@@ -138,8 +138,9 @@ def _index_tensor(value: int | torch.Tensor, name: str, limit: int = 2**32) -> t
     """A counter word as an int64 tensor (0-d or [B]), checked to lie in [0, limit)."""
     if isinstance(value, torch.Tensor):
         value = _integer_tensor(value, name)
-        if value.numel() and (int(value.min()) < 0 or int(value.max()) >= limit):
-            raise NoiseError(f"{name} values must be in [0, {limit}), got range [{int(value.min())}, {int(value.max())}]")
+        low, high = (int(value.min()), int(value.max())) if value.numel() else (0, 0)
+        if low < 0 or high >= limit:
+            raise NoiseError(f"{name} values must be in [0, {limit}), got values from {low} to {high}")
         return value
     if not isinstance(value, int) or isinstance(value, bool):
         raise NoiseError(f"{name} must be an int or an int64 tensor, got {type(value).__name__}")

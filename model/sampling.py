@@ -58,12 +58,14 @@ class SamplingParams:
             )
         min_steps = 2 if self.sampler == "legacy-sde" else 1
         if not _is_int(self.num_steps) or self.num_steps < min_steps:
-            raise SamplingError(f"num_steps must be an integer >= {min_steps} for {self.sampler}; got {self.num_steps!r}")
-        if not _is_real(self.timesteps_shift) or not math.isfinite(self.timesteps_shift) or self.timesteps_shift <= 0:
+            raise SamplingError(
+                f"num_steps must be an integer >= {min_steps} for {self.sampler}; got {self.num_steps!r}"
+            )
+        if not _is_finite_real(self.timesteps_shift) or self.timesteps_shift <= 0:
             raise SamplingError(f"timesteps_shift must be a finite number > 0; got {self.timesteps_shift!r}")
         for name in ("guidance_scale", "image_guidance_scale"):
             value = getattr(self, name)
-            if not _is_real(value) or not math.isfinite(value) or value < 0:
+            if not _is_finite_real(value) or value < 0:
                 raise SamplingError(f"{name} must be a finite number >= 0; got {value!r}")
         for name in ("use_norm", "rescale_guidance"):
             if not isinstance(getattr(self, name), bool):
@@ -74,14 +76,16 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _is_finite_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def published_defaults(family: str, edit: bool) -> SamplingParams:
     """The sampling settings each published checkpoint was shipped with."""
     if family == FAMILY_V1 and not edit:  # NextStep-1-Large
-        return SamplingParams(sampler="legacy-sde", num_steps=50, timesteps_shift=1.0, guidance_scale=7.5, use_norm=True)
+        return SamplingParams(
+            sampler="legacy-sde", num_steps=50, timesteps_shift=1.0, guidance_scale=7.5, use_norm=True
+        )
     if family == FAMILY_V1 and edit:  # NextStep-1-Large-Edit
         return SamplingParams(
             sampler="legacy-sde",
