@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import NextStepConfig
-from .layers import Linear
+from .layers import MIN_CPU_ROWS, Linear
 from .rope import apply_rotary
 
 
@@ -64,13 +64,16 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_of
     group = heads // kv_heads
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
-    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
     t, s = q.shape[2], k.shape[2]
-    query_pos = torch.arange(t, device=q.device)[:, None] + query_offset
+    # same reason as layers.Linear: a query row's result must not depend on how many rows share the call
+    padding = MIN_CPU_ROWS - t if q.device.type == "cpu" and t < MIN_CPU_ROWS else 0
+    q = F.pad(q, (0, 0, 0, padding))
+    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    query_pos = torch.arange(t + padding, device=q.device)[:, None] + query_offset
     key_pos = torch.arange(s, device=q.device)[None, :]
     scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
     probs = scores.softmax(dim=-1)
-    return (probs @ v.float()).to(q.dtype)
+    return (probs @ v.float()).to(q.dtype)[:, :, :t]
 
 
 class Attention(nn.Module):

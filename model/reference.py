@@ -160,18 +160,25 @@ class ReferenceGenerator:
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
-        """tokens [n, N, token_dim] -> uint8 images [n, H, W, 3]."""
+        """tokens [n, N, token_dim] -> uint8 images [n, H, W, 3], one image per VAE call.
+
+        One at a time because CPU convolutions round differently with the batch size, and an
+        image must not depend on what it was decoded with.
+        """
         vae_dtype = next(self.vae.parameters()).dtype
-        pixels = decode_image_tokens(
-            self.vae,
-            self.vae_config,
-            tokens.to(vae_dtype),
-            grid_h,
-            grid_w,
-            self.config.latent_channels,
-            self.config.latent_patch_size,
-        )
-        return pixels_to_uint8(pixels.float())
+        images = []
+        for image_tokens in tokens:
+            pixels = decode_image_tokens(
+                self.vae,
+                self.vae_config,
+                image_tokens[None].to(vae_dtype),
+                grid_h,
+                grid_w,
+                self.config.latent_channels,
+                self.config.latent_patch_size,
+            )
+            images.append(pixels_to_uint8(pixels.float())[0])
+        return torch.stack(images)
 
 
 def with_overrides(params: SamplingParams, **overrides) -> SamplingParams:

@@ -118,7 +118,8 @@ def test_cached_decoding_matches_one_full_forward():
         cache = KVCache(config, 2, 9, "cpu", torch.float32)
         pieces = [model.forward_hidden(embeds[:, :5], cache)]
         pieces += [model.forward_hidden(embeds[:, i : i + 1], cache) for i in range(5, 9)]
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+    # bit-exact on CPU: the engine relies on chunking never changing a hidden state
+    assert torch.equal(torch.cat(pieces, dim=1), full)
 
 
 def test_kv_cache_refuses_to_overflow():

@@ -47,6 +47,7 @@ def test_an_image_does_not_depend_on_the_other_images_of_its_request(generator):
     alone = generator.generate(t2i(n=1))
     batched = generator.generate(t2i(n=3))
     assert torch.equal(batched.tokens[0], alone.tokens[0])
+    assert torch.equal(batched.pixels[0], alone.pixels[0])
 
 
 def test_different_seeds_give_different_images(generator):

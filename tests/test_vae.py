@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.config import FAMILY_V1, FAMILY_V11, ConfigError
 from model.vae import (
@@ -82,6 +83,88 @@ def test_random_vae_is_deterministic_and_leaves_the_global_rng_alone():
     assert torch.equal(before, torch.get_rng_state())
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not torch.equal(first["encoder.conv_in.weight"], other["encoder.conv_in.weight"])
+
+
+def test_encode_moments_clamps_logvar_to_the_posterior_range():
+    vae = random_vae(TINY_VAE_CONFIG, seed=1)
+    pixels = torch.rand(1, 3, 16, 16) * 2 - 1
+    for bias, bound in ((1e4, 20.0), (-1e4, -30.0)):
+        vae.encoder.conv_out.bias[16:] = bias
+        assert torch.all(vae.encode_moments(pixels)[1] == bound)
+
+
+# --- numerics against a functional re-statement of the architecture ------------------------------
+
+
+def reference_norm(x, weights, name):
+    return F.group_norm(x, 32, weights[f"{name}.weight"], weights[f"{name}.bias"], eps=1e-6)
+
+
+def reference_conv(x, weights, name, stride=1):
+    kernel = weights[f"{name}.weight"]
+    padding = 0 if stride == 2 else kernel.shape[-1] // 2
+    return F.conv2d(x, kernel, weights[f"{name}.bias"], stride=stride, padding=padding)
+
+
+def reference_resnet(x, weights, name):
+    h = reference_conv(F.silu(reference_norm(x, weights, f"{name}.norm1")), weights, f"{name}.conv1")
+    h = reference_conv(F.silu(reference_norm(h, weights, f"{name}.norm2")), weights, f"{name}.conv2")
+    skip = reference_conv(x, weights, f"{name}.nin_shortcut") if f"{name}.nin_shortcut.weight" in weights else x
+    return skip + h
+
+
+def reference_attention(x, weights, name):
+    b, c, h, w = x.shape
+    normed = reference_norm(x, weights, f"{name}.norm")
+    q, k, v = (reference_conv(normed, weights, f"{name}.{p}").reshape(b, c, h * w) for p in "qkv")
+    scores = torch.einsum("bci,bcj->bij", q, k) / c**0.5
+    attended = torch.einsum("bij,bcj->bci", scores.softmax(dim=-1), v).reshape(b, c, h, w)
+    return x + reference_conv(attended, weights, f"{name}.proj_out")
+
+
+def reference_mid(x, weights, name):
+    x = reference_resnet(x, weights, f"{name}.block_1")
+    x = reference_attention(x, weights, f"{name}.attn_1")
+    return reference_resnet(x, weights, f"{name}.block_2")
+
+
+def reference_encoder(pixels, weights, config):
+    h = reference_conv(pixels, weights, "encoder.conv_in")
+    for level in range(len(config.ch_mult)):
+        for block in range(config.num_res_blocks):
+            h = reference_resnet(h, weights, f"encoder.down.{level}.block.{block}")
+        if level < len(config.ch_mult) - 1:
+            padded = torch.zeros(h.shape[0], h.shape[1], h.shape[2] + 1, h.shape[3] + 1, dtype=h.dtype)
+            padded[:, :, : h.shape[2], : h.shape[3]] = h  # one zero row below, one zero column right
+            h = reference_conv(padded, weights, f"encoder.down.{level}.downsample.conv", stride=2)
+    h = reference_mid(h, weights, "encoder.mid")
+    return reference_conv(F.silu(reference_norm(h, weights, "encoder.norm_out")), weights, "encoder.conv_out")
+
+
+def reference_decoder(z, weights, config):
+    h = reference_mid(reference_conv(z, weights, "decoder.conv_in"), weights, "decoder.mid")
+    for level in reversed(range(len(config.ch_mult))):
+        for block in range(config.num_res_blocks + 1):
+            h = reference_resnet(h, weights, f"decoder.up.{level}.block.{block}")
+        if level > 0:
+            h = h.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+            h = reference_conv(h, weights, f"decoder.up.{level}.upsample.conv")
+    return reference_conv(F.silu(reference_norm(h, weights, "decoder.norm_out")), weights, "decoder.conv_out")
+
+
+def test_encoder_matches_the_functional_reference(tiny_vae):
+    weights = {k: v.double() for k, v in tiny_vae.state_dict().items()}
+    pixels = torch.rand(2, 3, 24, 40, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    mean, logvar = tiny_vae.encode_moments(pixels)
+    expected = reference_encoder(pixels.double(), weights, TINY_VAE_CONFIG)
+    assert torch.allclose(torch.cat([mean, logvar], dim=1).double(), expected, atol=1e-4)
+
+
+def test_decoder_matches_the_functional_reference(tiny_vae):
+    weights = {k: v.double() for k, v in tiny_vae.state_dict().items()}
+    z = torch.randn(2, 16, 3, 5, generator=torch.Generator().manual_seed(3))
+    expected = reference_decoder(z.double(), weights, TINY_VAE_CONFIG)
+    assert torch.allclose(tiny_vae.decode(z).double(), expected, atol=1e-4)
 
 
 # --- weight names -------------------------------------------------------------------------------
@@ -188,6 +271,11 @@ def test_save_writes_the_published_layout(saved_vae_dir):
     assert sorted(p.name for p in saved_vae_dir.iterdir()) == ["checkpoint.pt", "config.json"]
     state = torch.load(saved_vae_dir / "checkpoint.pt", weights_only=True)
     assert "encoder.mid.attn_1.q.weight" in state
+
+
+def test_save_refuses_a_config_that_does_not_describe_the_model(tmp_path, tiny_vae):
+    with pytest.raises(ValueError, match="architecture"):
+        save_vae(tmp_path, tiny_vae, dataclasses.replace(TINY_VAE_CONFIG, ch=64))
 
 
 def test_save_then_load_gives_identical_outputs(saved_vae_dir, tiny_vae):
