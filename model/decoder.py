@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import NextStepConfig
-from .layers import MIN_CPU_ROWS, Linear
+from .layers import Linear, batch_invariant_matmul
 from .rope import apply_rotary
 
 
@@ -59,21 +59,27 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_of
 
     q: [B, heads, T, d]; k, v: [B, kv_heads, S, d] where S = query_offset + T (query i sits at
     absolute position query_offset + i and sees keys 0..query_offset+i). Returns [B, heads, T, d].
+    On CPU each query row attends over exactly its visible keys, so its result is the same however
+    the sequence was split into chunks (see layers.py); elsewhere one masked product does it all.
     """
     heads, kv_heads = q.shape[1], k.shape[1]
     group = heads // kv_heads
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
+    k = k.repeat_interleave(group, dim=1).float()
+    v = v.repeat_interleave(group, dim=1).float()
     t, s = q.shape[2], k.shape[2]
-    # same reason as layers.Linear: a query row's result must not depend on how many rows share the call
-    padding = MIN_CPU_ROWS - t if q.device.type == "cpu" and t < MIN_CPU_ROWS else 0
-    q = F.pad(q, (0, 0, 0, padding))
-    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    query_pos = torch.arange(t + padding, device=q.device)[:, None] + query_offset
+    scale = math.sqrt(q.shape[-1])
+    if q.device.type == "cpu":
+        rows = []
+        for i in range(t):
+            visible = query_offset + i + 1
+            scores = batch_invariant_matmul(q[:, :, i : i + 1].float(), k[:, :, :visible].transpose(-1, -2)) / scale
+            rows.append(batch_invariant_matmul(scores.softmax(dim=-1), v[:, :, :visible]))
+        return torch.cat(rows, dim=2).to(q.dtype)
+    scores = (q.float() @ k.transpose(-1, -2)) / scale
+    query_pos = torch.arange(t, device=q.device)[:, None] + query_offset
     key_pos = torch.arange(s, device=q.device)[None, :]
     scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
-    probs = scores.softmax(dim=-1)
-    return (probs @ v.float()).to(q.dtype)[:, :, :t]
+    return (scores.softmax(dim=-1) @ v).to(q.dtype)
 
 
 class Attention(nn.Module):
