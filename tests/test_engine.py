@@ -153,6 +153,20 @@ def test_random_mix_with_arrivals_aborts_and_preemption_equals_the_reference(bun
     assert_all_blocks_free(engine)
 
 
+def test_static_shaped_head_loop_equals_the_reference(bundle, reference):
+    """The graph-ready head loop (run eagerly on CPU) gives the reference's images too."""
+    events = Collector()
+    engine = BatchedEngine(bundle, events, EngineConfig(static_head=True))
+    specs = [
+        EngineRequest("plain", t2i(guidance_scale=1.0, seed=1)),
+        EngineRequest("cfg", t2i(n=2, rescale_guidance=True, guidance_schedule="linear", seed=2)),
+        EngineRequest("edit", edit("red", n=2, seed=3)),
+        EngineRequest("ode", t2i(sampler="ode", use_norm=False, seed=4)),
+    ]
+    run(engine, {0: specs[:2], 1: specs[2:]})
+    assert_matches_reference(events, specs, reference)
+
+
 def test_images_of_one_request_share_prompt_blocks(bundle, reference):
     events = Collector()
     engine = BatchedEngine(bundle, events, EngineConfig(block_size=4, num_blocks=256))

@@ -6,16 +6,28 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton loads: the kernels run on 
 
 import importlib
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 
-import kernels.paged_attention as paged
 
-# Another test module may have imported the kernels first, built for a GPU: define them again, interpreted.
-importlib.reload(paged)
+def load_kernels_interpreted():
+    """Triton reads TRITON_INTERPRET when its modules and our kernels are defined. If an earlier test module
+    imported them for a GPU (the engine does), define both again; Triton's C extension cannot load twice."""
+    import kernels.paged_attention as module
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(module._decode_kernel, InterpretedFunction):
+        for name in [n for n in sys.modules if n.split(".")[0] == "triton" and not n.startswith("triton._C")]:
+            del sys.modules[name]
+        importlib.reload(module)
+    return module
+
+
+paged = load_kernels_interpreted()
 
 from kernels.paged_attention import (  # noqa: E402
     PagedAttentionError,
@@ -25,7 +37,7 @@ from kernels.paged_attention import (  # noqa: E402
     paged_prefill_attention_triton,
     write_kv,
 )
-from model.decoder import causal_attention
+from model.decoder import causal_attention  # noqa: E402
 
 # (query heads, kv heads): plain multi-head, group 2, group 4, and the real model's group 5.
 HEAD_LAYOUTS = [(4, 4), (4, 2), (8, 2), (10, 2)]

@@ -27,6 +27,7 @@ from .events import (
     RequestFailed,
     preview_points,
 )
+from .graphed_head import GraphedHeadSampler
 from .head_sampler import HeadSampler
 from .model_runner import ModelRunner
 from .scheduler import Scheduler, SchedulerConfig
@@ -41,6 +42,7 @@ class EngineConfig:
     max_running_images: int = 256
     max_batched_tokens: int = 2048
     attention_backend: str | None = None  # None: automatic (reference on CPU)
+    static_head: bool | None = None  # static-shaped head loop (CUDA graphs on GPU); None: on GPU only
 
 
 @dataclass
@@ -66,7 +68,8 @@ class BatchedEngine:
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(SchedulerConfig(config.max_running_images, config.max_batched_tokens), self.blocks)
         self.runner = ModelRunner(bundle, num_blocks, config.block_size, config.attention_backend)
-        self.head = HeadSampler(bundle.model)
+        static_head = bundle.model.device.type == "cuda" if config.static_head is None else config.static_head
+        self.head = GraphedHeadSampler(bundle.model) if static_head else HeadSampler(bundle.model)
         self.generator = self.runner.generator
         self.requests: dict[str, RequestState] = {}
         self.timings = StepTimings()

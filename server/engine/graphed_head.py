@@ -1,0 +1,209 @@
+"""Head sampling for many images as one static-shaped program, captured as a CUDA graph on GPU.
+
+All N head steps of a token for a batch of images run as one graph replay per
+(sampler, steps, shift, guidance slots, bucket size). Everything an image may vary is an input
+tensor: branch conditions, guidance scales, rescale and use_norm flags, seed/image/token
+counters. Guidance uses a fixed number of slots per image (2, or 3 when some image has image
+guidance); an image with fewer branches repeats its rows, which gives exactly its own formula
+(the extra terms are (x - x) = 0). Padding rows are computed and dropped.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model.nextstep import NextStepModel
+from model.noise import philox_normal4
+from model.sampling import (
+    RESCALE_EPS,
+    TOKEN_NORM_EPS,
+    SamplingParams,
+    flow_cps_step,
+    flow_ode_step,
+    flow_sde_step,
+    guidance_scales_at,
+    legacy_final_step,
+    legacy_sde_step,
+    timesteps,
+)
+
+from .sequence import ImageState
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512)
+
+
+@dataclass(frozen=True)
+class GraphKey:
+    sampler: str
+    num_steps: int
+    timesteps_shift: float
+    slots: int
+    bucket: int
+
+
+class StaticBatch:
+    """Input and output tensors of one graph; filled before every replay."""
+
+    def __init__(self, key: GraphKey, model: NextStepModel):
+        b, device = key.bucket, model.device
+        self.conditions = torch.zeros(key.slots, b, model.config.hidden_size, device=device, dtype=model.dtype)
+        self.cfg = torch.ones(b, 1, device=device)
+        self.cfg_img = torch.ones(b, 1, device=device)
+        self.rescale = torch.zeros(b, 1, dtype=torch.bool, device=device)
+        self.use_norm = torch.zeros(b, 1, dtype=torch.bool, device=device)
+        self.seed = torch.zeros(b, 1, dtype=torch.int64, device=device)
+        self.image = torch.zeros(b, 1, dtype=torch.int64, device=device)
+        self.token = torch.zeros(b, 1, dtype=torch.int64, device=device)
+        self.blocks = torch.arange(model.config.token_dim // 4, dtype=torch.int64, device=device)[None]
+        self.out: torch.Tensor | None = None
+
+
+def _noise(batch: StaticBatch, step: int) -> torch.Tensor:
+    """token_noise for every row, from device tensors (no host sync, capturable)."""
+    step_c = torch.full_like(batch.token, step)
+    normals = philox_normal4(batch.blocks, batch.token, step_c, batch.image, batch.seed)
+    return normals.reshape(batch.token.shape[0], -1)
+
+
+def _guided(v: torch.Tensor, batch: StaticBatch) -> torch.Tensor:
+    """v: [slots, B, D] -> guided [B, D], the reference's combine with per-row scales."""
+    if v.shape[0] == 2:
+        cond, uncond = v
+        guided = uncond + batch.cfg * (cond - uncond)
+    else:
+        cond, uncond_image, uncond_none = v
+        guided = uncond_none + batch.cfg_img * (uncond_image - uncond_none) + batch.cfg * (cond - uncond_image)
+    ratio = cond.norm(dim=-1, keepdim=True) / (guided.norm(dim=-1, keepdim=True) + RESCALE_EPS)
+    return guided * torch.where(batch.rescale, torch.clamp(ratio, max=1.0), torch.ones_like(ratio))
+
+
+def sample_loop(model: NextStepModel, key: GraphKey, batch: StaticBatch) -> torch.Tensor:
+    """The whole N-step sampler for one token of every row; returns finalized tokens [B, D]."""
+    params = SamplingParams(
+        sampler=key.sampler, num_steps=key.num_steps, timesteps_shift=key.timesteps_shift, guidance_scale=1.0,
+        use_norm=False,
+    )
+    grid = timesteps(params).tolist()
+    conditions = batch.conditions.reshape(key.slots * key.bucket, -1)
+
+    def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
+        v = model.image_head.velocity(x.repeat(key.slots, 1), t, conditions)
+        return _guided(v.view(key.slots, key.bucket, -1), batch)
+
+    n = key.num_steps
+    x = _noise(batch, 0)
+    if key.sampler == "legacy-sde":
+        for i in range(n - 1):
+            x = legacy_sde_step(x, velocity(x, grid[i]), grid[i], grid[i + 1], _noise(batch, i + 1))
+        x = legacy_final_step(x, velocity(x, grid[n - 1]))
+    else:
+        for i in range(n):
+            t, t_next = grid[i], grid[i + 1]
+            v = velocity(x, t)
+            if key.sampler == "ode":
+                x = flow_ode_step(x, v, t, t_next)
+            elif key.sampler == "sde":
+                x = flow_sde_step(x, v, t, t_next, _noise(batch, i + 1), sigma_max=grid[n - 1])
+            else:
+                x = flow_cps_step(x, v, t, t_next, _noise(batch, i + 1))
+    normed = F.layer_norm(x, x.shape[-1:], eps=TOKEN_NORM_EPS)
+    return torch.where(batch.use_norm, normed, x)
+
+
+def bucket_for(rows: int) -> int:
+    for size in BUCKETS:
+        if size >= rows:
+            return size
+    return BUCKETS[-1]
+
+
+class GraphedHeadSampler:
+    """Drop-in for HeadSampler; on CUDA each key's loop is captured once and replayed."""
+
+    def __init__(self, model: NextStepModel, use_graphs: bool | None = None):
+        self.model = model
+        self.use_graphs = model.device.type == "cuda" if use_graphs is None else use_graphs
+        self.batches: dict[GraphKey, StaticBatch] = {}
+        self.graphs: dict[GraphKey, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+
+    @torch.inference_mode()
+    def sample(self, images: list[ImageState]) -> list[torch.Tensor]:
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, image in enumerate(images):
+            p = image.request.request.params
+            groups[(p.sampler, p.num_steps, p.timesteps_shift)].append(i)
+        tokens: list[torch.Tensor | None] = [None] * len(images)
+        for (sampler, steps, shift), members in groups.items():
+            slots = 3 if any(len(images[i].branches) == 3 for i in members) else 2
+            for start in range(0, len(members), BUCKETS[-1]):
+                part = members[start : start + BUCKETS[-1]]
+                key = GraphKey(sampler, steps, shift, slots, bucket_for(len(part)))
+                out = self._run(key, [images[i] for i in part])
+                for row, i in enumerate(part):
+                    tokens[i] = out[row]
+        return tokens
+
+    def _fill(self, batch: StaticBatch, key: GraphKey, images: list[ImageState]) -> None:
+        model = self.model
+        hidden, token_index = [], []
+        for image in images:
+            rows = [b.last_hidden for b in image.branches]
+            rows += [rows[-1]] * (key.slots - len(rows))  # repeat the last branch: its extra terms are 0
+            hidden.append(torch.stack(rows))
+            token_index.append(len(image.tokens))
+        hidden = torch.stack(hidden, dim=1)  # [slots, B, hidden]
+        if model.gen_pos_embed is not None:
+            positions = torch.tensor(token_index, device=hidden.device)
+            if int(positions.max()) >= model.gen_pos_embed.shape[1]:
+                raise ValueError(f"image token {int(positions.max())} is beyond gen_pos_embed")
+            hidden = hidden + model.gen_pos_embed[0, positions].to(hidden.dtype)[None]
+        n = len(images)
+        batch.conditions.zero_()
+        batch.conditions[:, :n] = model.image_out_projector(hidden)
+        scales = [guidance_scales_at(im.request.request.params, len(im.tokens), im.request.num_tokens) for im in images]
+        pad = key.bucket - n
+
+        def column(values, dtype):
+            return torch.tensor(list(values) + [0] * pad, dtype=dtype).view(-1, 1)
+
+        batch.cfg.copy_(column((s[0] for s in scales), torch.float32))
+        batch.cfg_img.copy_(column((s[1] for s in scales), torch.float32))
+        batch.rescale.copy_(
+            column((im.request.request.params.rescale_guidance and len(im.branches) > 1 for im in images), torch.bool)
+        )
+        batch.use_norm.copy_(column((im.request.request.params.use_norm for im in images), torch.bool))
+        seeds = (im.request.request.seed for im in images)
+        batch.seed.copy_(column((s - 2**64 if s >= 2**63 else s for s in seeds), torch.int64))
+        batch.image.copy_(column((im.index for im in images), torch.int64))
+        batch.token.copy_(column(token_index, torch.int64))
+
+    def _run(self, key: GraphKey, images: list[ImageState]) -> torch.Tensor:
+        batch = self.batches.get(key)
+        if batch is None:
+            batch = self.batches[key] = StaticBatch(key, self.model)
+        self._fill(batch, key, images)
+        if not self.use_graphs:
+            return sample_loop(self.model, key, batch)[: len(images)].clone()
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self.graphs[key] = self._capture(key, batch)
+        graph.replay()
+        return batch.out[: len(images)].clone()
+
+    def _capture(self, key: GraphKey, batch: StaticBatch) -> torch.cuda.CUDAGraph:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up allocator and kernels outside the graph
+                sample_loop(self.model, key, batch)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            batch.out = sample_loop(self.model, key, batch)
+        self.pool = graph.pool()
+        return graph
