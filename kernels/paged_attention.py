@@ -257,7 +257,7 @@ def paged_decode_attention_triton(
     a multiple of 64; by default picked from the shapes alone, so no host sync (graph-capturable).
     """
     _check_shapes(q, k_cache, v_cache, block_tables, seq_lens)
-    _check_triton_inputs(q, k_cache)
+    _check_triton_inputs(q, k_cache, block_tables, seq_lens)
     num_seqs, heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     max_keys = block_tables.shape[1] * k_cache.shape[1]
@@ -267,7 +267,6 @@ def paged_decode_attention_triton(
         raise PagedAttentionError(f"partition_size must be a positive multiple of {_KEY_TILE}, got {partition_size}")
     num_partitions = -(-max_keys // partition_size)
     split = num_partitions > 1
-    q = q.contiguous()
     out = torch.empty_like(q)
     if split:
         partial_out = torch.empty(num_seqs, heads, num_partitions, head_dim, device=q.device, dtype=torch.float32)
@@ -307,7 +306,7 @@ def paged_prefill_attention_triton(
     Reads the longest q_len back to the host to size the grid.
     """
     _check_shapes(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
-    _check_triton_inputs(q, k_cache)
+    _check_triton_inputs(q, k_cache, block_tables, seq_lens, query_start_loc)
     num_seqs = seq_lens.shape[0]
     heads, head_dim = q.shape[1:]
     kv_heads = k_cache.shape[2]
@@ -315,7 +314,6 @@ def paged_prefill_attention_triton(
     rows = max(_PREFILL_ROWS, triton.next_power_of_2(group))
     queries_per_tile = rows // group
     max_q_len = int(query_start_loc.diff().max())
-    q = q.contiguous()
     out = torch.empty_like(q)
     _prefill_kernel[(num_seqs, kv_heads, -(-max_q_len // queries_per_tile))](
         q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, 1.0 / math.sqrt(head_dim),
@@ -326,7 +324,8 @@ def paged_prefill_attention_triton(
     return out
 
 
-def _check_triton_inputs(q: torch.Tensor, k_cache: torch.Tensor) -> None:
+def _check_triton_inputs(q: torch.Tensor, k_cache: torch.Tensor, *index_tensors: torch.Tensor) -> None:
+    """The kernels index q's rows and heads by stride, everything else assuming unit stride in its last dim."""
     if triton is None:
         raise PagedAttentionError("backend 'triton' needs the triton package")
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
@@ -334,8 +333,10 @@ def _check_triton_inputs(q: torch.Tensor, k_cache: torch.Tensor) -> None:
     head_dim = q.shape[-1]
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise PagedAttentionError(f"the Triton kernels need head_dim a power of two >= 16, got {head_dim}")
-    if k_cache.stride(-1) != 1:
-        raise PagedAttentionError("the Triton kernels need the caches contiguous along head_dim")
+    if k_cache.stride(-1) != 1 or any(t.stride(-1) != 1 for t in index_tensors):
+        raise PagedAttentionError(
+            "the Triton kernels need the caches contiguous along head_dim and the index tensors along their last dim"
+        )
 
 
 def _default_partition_size(programs_per_partition: int, max_keys: int) -> int:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CPU_ROW_BLOCK = 64
+CPU_ROW_BLOCK = 8
 
 
 def _fixed_block_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from .services import Services
 from .validation import build_job
 
 FORM_FIELD_BYTES = 1 << 20
+FORM_CONTENT_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 STARTED = int(time.time())
 ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 413, 429, 500, 503, 504)}
 IMAGE_RESPONSES = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"}, **ERRORS}
@@ -122,7 +123,7 @@ async def metrics(request: Request) -> Response:
 
 async def read_edit_form(request: Request, max_upload_bytes: int) -> tuple[ImageEditRequest, bytes]:
     """The multipart edit form -> (its text fields, the one input image's bytes)."""
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+    if not request.headers.get("content-type", "").startswith(FORM_CONTENT_TYPES):
         raise bad_request("Edits take multipart/form-data with an `image` file and a `prompt`.", None, "invalid_content_type")
     fields: dict[str, str] = {}
     images: list[UploadFile] = []

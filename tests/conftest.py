@@ -31,6 +31,17 @@ def wait_until(condition, timeout_s: float = 30.0, interval_s: float = 0.05, wha
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
+def metric(url: str, name: str, **labels) -> float:
+    """The value of one sample on a server's /metrics (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle():
     from model.bundle import load_bundle

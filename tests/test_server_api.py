@@ -328,7 +328,7 @@ def test_edit_stream_uses_image_edit_event_names(client):
          "extra", "unknown_parameter"),
     ],
 )  # fmt: skip
-def test_edit_with_bad_files_is_400(client, files, param, code, start_server):
+def test_edit_with_bad_files_is_400(client, files, param, code):
     assert_error(edit(client, files=files), 400, param=param, code=code)
 
 
