@@ -267,6 +267,7 @@ def paged_decode_attention_triton(
         raise PagedAttentionError(f"partition_size must be a positive multiple of {_KEY_TILE}, got {partition_size}")
     num_partitions = -(-max_keys // partition_size)
     split = num_partitions > 1
+    q = q.contiguous()  # out = empty_like(q) then shares q's strides
     out = torch.empty_like(q)
     if split:
         partial_out = torch.empty(num_seqs, heads, num_partitions, head_dim, device=q.device, dtype=torch.float32)
@@ -314,6 +315,7 @@ def paged_prefill_attention_triton(
     rows = max(_PREFILL_ROWS, triton.next_power_of_2(group))
     queries_per_tile = rows // group
     max_q_len = int(query_start_loc.diff().max())
+    q = q.contiguous()  # out = empty_like(q) then shares q's strides
     out = torch.empty_like(q)
     _prefill_kernel[(num_seqs, kv_heads, -(-max_q_len // queries_per_tile))](
         q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, 1.0 / math.sqrt(head_dim),
@@ -325,7 +327,7 @@ def paged_prefill_attention_triton(
 
 
 def _check_triton_inputs(q: torch.Tensor, k_cache: torch.Tensor, *index_tensors: torch.Tensor) -> None:
-    """The kernels index q's rows and heads by stride, everything else assuming unit stride in its last dim."""
+    """The kernels take row strides but assume unit stride in the last dim (q is made contiguous)."""
     if triton is None:
         raise PagedAttentionError("backend 'triton' needs the triton package")
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":

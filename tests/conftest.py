@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+import torch
+
+# Triton reads this when it loads: without a GPU, its kernels run on the CPU interpreter
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import contextlib
 import shutil
 import socket

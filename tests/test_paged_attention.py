@@ -1,43 +1,23 @@
 """Paged attention: the reference against independent math and the model, the Triton kernels against the reference."""
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton loads: the kernels run on the CPU interpreter
-
-import importlib
 import math
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 
-
-def load_kernels_interpreted():
-    """Triton reads TRITON_INTERPRET when its modules and our kernels are defined. If an earlier test module
-    imported them for a GPU (the engine does), define both again; Triton's C extension cannot load twice."""
-    import kernels.paged_attention as module
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(module._decode_kernel, InterpretedFunction):
-        for name in [n for n in sys.modules if n.split(".")[0] == "triton" and not n.startswith("triton._C")]:
-            del sys.modules[name]
-        importlib.reload(module)
-    return module
-
-
-paged = load_kernels_interpreted()
-
-from kernels.paged_attention import (  # noqa: E402
+import kernels.paged_attention as paged
+from kernels.paged_attention import (
     PagedAttentionError,
+    _default_partition_size,
     paged_attention,
     paged_attention_reference,
     paged_decode_attention_triton,
     paged_prefill_attention_triton,
     write_kv,
 )
-from model.decoder import causal_attention  # noqa: E402
+from model.decoder import causal_attention
 
 # (query heads, kv heads): plain multi-head, group 2, group 4, and the real model's group 5.
 HEAD_LAYOUTS = [(4, 4), (4, 2), (8, 2), (10, 2)]
@@ -177,7 +157,7 @@ def test_triton_decode_split_over_key_partitions_matches_reference(heads, kv_hea
 def test_triton_decode_splits_a_long_sequence_by_default_and_matches_reference():
     # One sequence over two kv heads is too few programs, so the keys are split without being asked.
     batch = random_batch([300], [1], 4, 2, head_dim=32, block_size=32)
-    assert paged._default_partition_size(2, batch.block_tables.shape[1] * 32) < 300
+    assert _default_partition_size(2, batch.block_tables.shape[1] * 32) < 300
     out = paged_decode_attention_triton(*batch.args()[:5])
     assert_close(out, paged_attention_reference(*batch.args()), atol=1e-4)
 
@@ -285,3 +265,14 @@ def test_triton_decode_refuses_more_than_one_query_per_sequence():
     batch = random_batch([7, 9], [1, 2], 4, 2, head_dim=32, block_size=16)
     with pytest.raises(PagedAttentionError, match="one query per sequence"):
         paged_decode_attention_triton(*batch.args()[:5])
+
+
+def test_triton_kernels_accept_queries_sliced_from_a_fused_projection():
+    batch = random_batch([9, 33], [1, 17], 4, 2, head_dim=32, block_size=16)
+    fused = torch.cat([batch.q, torch.randn(batch.q.shape[0], 4, 32)], dim=1)  # q heads, then k and v heads
+    decode = random_batch([9, 33], [1, 1], 4, 2, head_dim=32, block_size=16)
+    fused_decode = torch.cat([decode.q, torch.randn(2, 4, 32)], dim=1)
+    expected = paged_attention_reference(*batch.args())
+    assert_close(paged_prefill_attention_triton(fused[:, :4], *batch.args()[1:]), expected, atol=1e-4)
+    out = paged_decode_attention_triton(fused_decode[:, :4], *decode.args()[1:5])
+    assert_close(out, paged_attention_reference(*decode.args()), atol=1e-4)

@@ -1,0 +1,191 @@
+"""GPU checks and timings in one process: paged attention kernels, the head loop, engine parity.
+
+    python -m bench.gpu_check --json gpu_check.json
+
+1. Paged attention at the real shapes (40 query / 8 kv heads, head_dim 128, bf16): each backend
+   against the reference on fresh random inputs (relative error), and its time.
+2. The head's N-step loop for one token at D=1536 x 12 layers, 50 steps, text guidance: eager vs
+   one CUDA graph, ms per token at several batch sizes, next to the floor from bytes and FLOPs.
+3. Engine vs reference generator on the GPU (tiny preset, float32 and bfloat16): largest token
+   and pixel differences over a mixed batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+
+import torch
+
+from kernels.paged_attention import BACKENDS, paged_attention
+from model.bundle import load_bundle
+from model.head import FlowMatchingHead
+from model.presets import preset_config
+from model.reference import GenerationRequest
+from model.sampling import published_defaults
+from server.engine.engine import BatchedEngine, EngineConfig
+from server.engine.events import EngineRequest, ImageDone
+from server.engine.graphed_head import GraphKey, StaticBatch, sample_loop
+
+HBM_BYTES_PER_S = 4.3e12
+BF16_FLOPS = 790e12
+
+
+def timed(fn, repeat=10) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def check_attention(results: dict) -> None:
+    torch.manual_seed(0)
+    heads, kv_heads, d, block = 40, 8, 128, 16
+    cases = {"decode_256x~550": ([1] * 256, 256, 1100), "prefill_mix": ([1, 7, 64, 200, 1] * 4, 20, 1300)}
+    out = {}
+    for name, (q_lens, seqs, max_len) in cases.items():
+        q_lens = q_lens[:seqs]
+        seq_lens = [max(q, int(torch.randint(q, max_len, (1,)))) for q in q_lens]
+        blocks_per_seq = [-(-s // block) for s in seq_lens]
+        num_blocks = sum(blocks_per_seq) + 8
+        perm = torch.randperm(num_blocks).tolist()
+        tables = torch.zeros(len(seq_lens), max(blocks_per_seq), dtype=torch.int32)
+        used = 0
+        for i, nb in enumerate(blocks_per_seq):
+            tables[i, :nb] = torch.tensor(perm[used : used + nb])
+            used += nb
+        k_cache = torch.randn(num_blocks, block, kv_heads, d, device="cuda", dtype=torch.bfloat16)
+        v_cache = torch.randn_like(k_cache)
+        q = torch.randn(sum(q_lens), heads, d, device="cuda", dtype=torch.bfloat16)
+        args = (
+            q,
+            k_cache,
+            v_cache,
+            tables.cuda(),
+            torch.tensor(seq_lens, dtype=torch.int32, device="cuda"),
+            torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0).to(torch.int32).cuda(),
+        )
+        ref = paged_attention(*args, backend="reference").float()
+        row = {}
+        for backend in BACKENDS:
+            if backend == "reference":
+                continue
+            try:
+                got = paged_attention(*args, backend=backend).float()
+            except Exception as err:  # noqa: BLE001 - an optional backend may be missing; report it
+                row[backend] = f"unavailable: {type(err).__name__}: {err}"[:200]
+                continue
+            rel = ((got - ref).norm() / ref.norm()).item()
+            row[backend] = {"rel_error": rel, "ms": timed(lambda: paged_attention(*args, backend=backend))}
+        row["reference_ms"] = timed(lambda: paged_attention(*args, backend="reference"), repeat=3)
+        out[name] = row
+        print("attention", name, row, flush=True)
+    results["attention"] = out
+
+
+def check_head(results: dict, steps: int = 50) -> None:
+    config = preset_config("nextstep-1-large")
+    width, depth = config.fm_head_dim, config.fm_head_layers
+
+    class HeadOnly(torch.nn.Module):
+        """What sample_loop needs of a model: the head, the config, device and dtype."""
+
+        def __init__(self):
+            super().__init__()
+            self.config = config
+            self.image_head = FlowMatchingHead(config.token_dim, config.hidden_size, width, depth)
+            self.device, self.dtype = torch.device("cuda"), torch.bfloat16
+
+    model = HeadOnly().to("cuda", torch.bfloat16)
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    head_params = sum(p.numel() for p in model.image_head.parameters())
+    out = {}
+    for images in (1, 64, 128, 256):
+        key = GraphKey("legacy-sde", steps, 1.0, 2, images)
+        batch = StaticBatch(key, model)
+        batch.conditions.normal_()
+        batch.cfg.fill_(7.5)
+        batch.seed.copy_(torch.arange(images, device="cuda")[:, None])
+        eager_ms = timed(lambda: sample_loop(model, key, batch), repeat=3)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            sample_loop(model, key, batch)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            sample_loop(model, key, batch)
+        graph_ms = timed(graph.replay)
+        rows = 2 * images
+        floor_ms = 1e3 * steps * max(2 * head_params / HBM_BYTES_PER_S, 2 * head_params * rows / BF16_FLOPS)
+        out[images] = {"eager_ms": eager_ms, "graph_ms": graph_ms, "floor_ms": floor_ms}
+        print(f"head {images:4d} images: eager {eager_ms:7.1f} ms graph {graph_ms:6.1f} ms floor {floor_ms:5.1f} ms", flush=True)
+    results["head_per_token"] = out
+
+
+def check_engine_parity(results: dict) -> None:
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        bundle = load_bundle("tiny", device="cuda", dtype=dtype)
+        generator = bundle.reference_generator()
+        base = published_defaults("nextstep-1", edit=False)
+        requests = [
+            GenerationRequest("a red circle", 64, 32, replace(base, num_steps=6), n=2, seed=1),
+            GenerationRequest("two blue squares", 32, 48, replace(base, num_steps=5, sampler="sde"), n=1, seed=2),
+            GenerationRequest("a cat", 48, 48, replace(base, num_steps=4, guidance_scale=1.0), n=3, seed=3),
+        ]
+        images = {}
+        engine = BatchedEngine(
+            bundle,
+            lambda e: images.__setitem__((e.request_id, e.image_index), e.pixels) if isinstance(e, ImageDone) else None,
+            EngineConfig(block_size=16, num_blocks=256),
+        )
+        for i, r in enumerate(requests):
+            engine.add_request(EngineRequest(str(i), r))
+        while engine.has_work():
+            engine.step()
+        worst = 0
+        mean = []
+        for i, r in enumerate(requests):
+            ref = generator.generate(r).pixels.numpy().astype(int)
+            for j in range(r.n):
+                diff = abs(images[(str(i), j)].astype(int) - ref[j])
+                worst = max(worst, int(diff.max()))
+                mean.append(float(diff.mean()))
+        out[str(dtype)] = {"max_pixel_diff": worst, "mean_pixel_diff": sum(mean) / len(mean)}
+        print("engine parity", dtype, out[str(dtype)], flush=True)
+    results["engine_parity_gpu"] = out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json")
+    p.add_argument("--skip", nargs="*", default=[], choices=["attention", "head", "parity"])
+    args = p.parse_args()
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    started = time.time()
+    for name, fn in (("attention", check_attention), ("head", check_head), ("parity", check_engine_parity)):
+        if name not in args.skip:
+            try:
+                fn(results)
+            except Exception as err:  # noqa: BLE001 - keep the other checks' results
+                results[name + "_error"] = repr(err)
+                print(name, "FAILED", repr(err), flush=True)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(results, f, indent=2, default=str)
+    print(f"done in {time.time() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
