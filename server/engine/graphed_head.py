@@ -150,13 +150,12 @@ class GraphedHeadSampler:
 
     def _fill(self, batch: StaticBatch, key: GraphKey, images: list[ImageState]) -> None:
         model = self.model
-        hidden, token_index = [], []
-        for image in images:
-            rows = [b.last_hidden for b in image.branches]
-            rows += [rows[-1]] * (key.slots - len(rows))  # repeat the last branch: its extra terms are 0
-            hidden.append(torch.stack(rows))
-            token_index.append(len(image.tokens))
-        hidden = torch.stack(hidden, dim=1)  # [slots, B, hidden]
+        # slot-major rows; an image with fewer branches repeats its last one (its extra terms are 0)
+        rows = [
+            image.branches[min(slot, len(image.branches) - 1)].last_hidden for slot in range(key.slots) for image in images
+        ]
+        hidden = torch.stack(rows).view(key.slots, len(images), -1)
+        token_index = [len(image.tokens) for image in images]
         if model.gen_pos_embed is not None:
             positions = torch.tensor(token_index, device=hidden.device)
             if int(positions.max()) >= model.gen_pos_embed.shape[1]:

@@ -36,28 +36,35 @@ class ModelRunner:
         return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * element
 
     def _embed(self, chunks: list[Chunk]) -> torch.Tensor:
-        """Input embeddings [T, hidden] of every chunk's positions, concatenated."""
+        """Input embeddings [T, hidden] of every chunk's positions, concatenated.
+
+        Text positions take embed_tokens; image placeholders (the edit's input latent) and
+        generated tokens take image_in_projector; each kind is one batched call.
+        """
         model = self.model
-        pieces = []
+        text_ids, text_rows, image_tokens, image_rows = [], [], [], []
+        row = 0
         for chunk in chunks:
-            prompt = chunk.branch.prompt
-            prompt_end = min(chunk.end, chunk.branch.prompt_len)
-            if chunk.start < prompt_end:
-                ids = torch.tensor(prompt.token_ids[chunk.start : prompt_end], device=model.device)
-                embeds = model.embed_tokens(ids)
-                positions = [p for p in prompt.image_positions if chunk.start <= p < prompt_end]
-                if positions:
-                    rows = [prompt.image_positions.index(p) for p in positions]
-                    image = chunk.image.request.input_tokens[rows].to(model.device)
-                    local = torch.tensor(positions, device=model.device) - chunk.start
-                    embeds[local] = model.image_in_projector(image.to(model.dtype))
-                pieces.append(embeds)
-            first_token = max(chunk.start, chunk.branch.prompt_len) - chunk.branch.prompt_len
-            last_token = chunk.end - chunk.branch.prompt_len
-            if last_token > first_token:
-                tokens = torch.stack(chunk.image.tokens[first_token:last_token]).to(model.device)
-                pieces.append(model.image_in_projector(tokens.to(model.dtype)))
-        return torch.cat(pieces)
+            branch, image = chunk.branch, chunk.image
+            for p in range(chunk.start, chunk.end):
+                if p >= branch.prompt_len:
+                    image_tokens.append(image.tokens[p - branch.prompt_len])
+                    image_rows.append(row)
+                elif p in branch.placeholder_rows:
+                    image_tokens.append(image.request.input_tokens[branch.placeholder_rows[p]])
+                    image_rows.append(row)
+                else:
+                    text_ids.append(branch.prompt.token_ids[p])
+                    text_rows.append(row)
+                row += 1
+        embeds = torch.empty(row, model.config.hidden_size, device=model.device, dtype=model.dtype)
+        if text_ids:
+            ids = torch.tensor(text_ids, device=model.device)
+            embeds[torch.tensor(text_rows, device=model.device)] = model.embed_tokens(ids)
+        if image_tokens:
+            tokens = torch.stack([t.to(model.device) for t in image_tokens]).to(model.dtype)
+            embeds[torch.tensor(image_rows, device=model.device)] = model.image_in_projector(tokens)
+        return embeds
 
     @torch.inference_mode()
     def backbone(self, chunks: list[Chunk]) -> torch.Tensor:
@@ -68,19 +75,16 @@ class ModelRunner:
         model, device = self.model, self.model.device
         lengths = [c.end - c.start for c in chunks]
         positions = torch.cat([torch.arange(c.start, c.end) for c in chunks]).to(device)
-        slots = torch.cat(
-            [
-                torch.tensor([c.branch.block_table[p // self.block_size] * self.block_size + p % self.block_size
-                              for p in range(c.start, c.end)], dtype=torch.int64)
-                for c in chunks
-            ]
+        bs = self.block_size
+        slots = torch.tensor(
+            [c.branch.block_table[p // bs] * bs + p % bs for c in chunks for p in range(c.start, c.end)],
+            dtype=torch.int64,
         ).to(device)
         max_blocks = max(len(c.branch.block_table) for c in chunks)
-        tables = torch.zeros(len(chunks), max_blocks, dtype=torch.int32)
-        for row, chunk in enumerate(chunks):
-            tables[row, : len(chunk.branch.block_table)] = torch.tensor(chunk.branch.block_table, dtype=torch.int32)
-        tables = tables.to(device)
-        seq_lens = torch.tensor([c.end for c in chunks], dtype=torch.int32, device=device)
+        tables = torch.tensor(
+            [c.branch.block_table + [0] * (max_blocks - len(c.branch.block_table)) for c in chunks], dtype=torch.int32
+        ).to(device)
+        seq_lens = torch.tensor([c.end for c in chunks], dtype=torch.int32).to(device)
         starts = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
 
         x = self._embed(chunks)

@@ -30,6 +30,10 @@ class BranchSequence:
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0  # positions whose K/V are in the cache
     last_hidden: torch.Tensor | None = None  # final normed hidden state of the newest position
+    placeholder_rows: dict[int, int] = field(init=False)  # prompt position -> input latent row
+
+    def __post_init__(self):
+        self.placeholder_rows = {p: i for i, p in enumerate(self.prompt.image_positions)}
 
     @property
     def prompt_len(self) -> int:
