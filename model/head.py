@@ -93,5 +93,7 @@ class FlowMatchingHead(nn.Module):
 
     def velocity(self, x: torch.Tensor, t: float | torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """x: [B, token_dim] float32, t: scalar or [B], c: [B, cond_dim] -> float32 velocity [B, token_dim]."""
-        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(x.shape[0])
+        if not isinstance(t, torch.Tensor):
+            t = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)  # no host copy: graph-safe
+        t = t.to(torch.float32).expand(x.shape[0])
         return self.net(x, t, c).float()

@@ -27,7 +27,9 @@ def create_app(services: Services) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.services = services
-    install_error_handlers(app, lambda err: services.metrics.request_errors.labels(reason=err.code or str(err.status)).inc())
+    install_error_handlers(
+        app, lambda err: services.metrics.request_errors.labels(reason=err.code or str(err.status)).inc()
+    )
     app.include_router(ops_router)
     if services.queue is not None:
         app.include_router(api_router)

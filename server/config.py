@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 # The model served when neither --model nor --preset is given; becomes the demo model when it lands.
 DEFAULT_MODEL = "tiny"

@@ -33,7 +33,11 @@ def encode_image(pixels: np.ndarray, output_format: str, compression: int = 100)
 def check_input_image(data: bytes, max_pixels: int) -> tuple[int, int]:
     """(width, height) of an uploaded PNG/JPEG/WebP, fully decoded once to prove it is intact."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        image = Image.open(io.BytesIO(data))
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise InputImageError("the file is not a PNG, JPEG or WebP image") from err
+    try:
+        with image:
             if image.format not in INPUT_FORMATS:
                 raise InputImageError(f"the image must be PNG, JPEG or WebP, got {image.format or 'unknown'}")
             width, height = image.size

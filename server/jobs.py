@@ -11,7 +11,6 @@ import binascii
 import io
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Union
 
 from PIL import Image
 
@@ -19,7 +18,6 @@ from model.reference import GenerationRequest
 from model.sampling import SamplingParams
 
 from .engine.events import EngineRequest
-
 
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 
@@ -136,7 +134,7 @@ class FailedEvent:
     type: str = field(default="failed", init=False)
 
 
-JobEvent = Union[PreviewEvent, ResultEvent, FailedEvent]
+JobEvent = PreviewEvent | ResultEvent | FailedEvent
 _EVENT_TYPES = {cls.type: cls for cls in (PreviewEvent, ResultEvent, FailedEvent)}  # type: ignore[attr-defined]
 
 

@@ -107,6 +107,7 @@ class LocalQueue:
 
     def finish(self, job_id: str, event: ResultEvent | FailedEvent) -> None:
         self._deliver(job_id, event)
+        self._forget(job_id)  # the subscriber holds its subscription; nothing else may need it
         self.drop(job_id)
 
     def drop(self, job_id: str) -> None:

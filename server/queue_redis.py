@@ -24,9 +24,18 @@ import time
 import redis
 import redis.asyncio as aioredis
 
-from .jobs import FailedEvent, JobEvent, JobFormatError, JobSpec, PreviewEvent, ResultEvent, event_from_json, event_to_json
+from .jobs import (
+    FailedEvent,
+    JobEvent,
+    JobFormatError,
+    JobSpec,
+    PreviewEvent,
+    ResultEvent,
+    event_from_json,
+    event_to_json,
+)
 from .metrics import ServerMetrics
-from .queues import QueueFullError
+from .queues import QueueFullError, QueueUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +132,11 @@ class RedisApiQueue:
             ensure_group(setup, self.keys)
 
     async def submit(self, spec: JobSpec) -> None:
-        if not await self._enqueue(keys=[self.keys.jobs], args=[self.max_jobs, spec.to_json()]):
+        try:
+            accepted = await self._enqueue(keys=[self.keys.jobs], args=[self.max_jobs, spec.to_json()])
+        except (redis.RedisError, OSError) as err:
+            raise QueueUnavailableError(f"Redis: {err}") from err
+        if not accepted:
             raise QueueFullError(f"{self.max_jobs} jobs are queued or running; retry later")
 
     def subscribe(self, job_id: str) -> RedisSubscription:
@@ -195,7 +208,9 @@ class RedisWorkerQueue:
             jobs += self._reclaim(max_jobs)
         if len(jobs) < max_jobs:
             wait = {"block": max(1, int(block_s * 1000))} if block_s > 0 and not jobs else {}
-            reply = self.client.xreadgroup(GROUP, self.consumer, {self.keys.jobs: ">"}, count=max_jobs - len(jobs), **wait)
+            reply = self.client.xreadgroup(
+                GROUP, self.consumer, {self.keys.jobs: ">"}, count=max_jobs - len(jobs), **wait
+            )
             for _, entries in reply or []:
                 jobs += [spec for entry_id, fields in entries if (spec := self._accept(entry_id, fields, 1))]
         return jobs

@@ -16,6 +16,10 @@ class QueueFullError(Exception):
     """The queue holds its bound of unfinished jobs; the client should retry later."""
 
 
+class QueueUnavailableError(Exception):
+    """The queue cannot be reached (e.g. Redis is down)."""
+
+
 class Subscription(Protocol):
     async def next(self, timeout_s: float) -> JobEvent | None:
         """The job's next event, or None when none came within timeout_s."""
@@ -25,7 +29,7 @@ class Subscription(Protocol):
 
 class ApiQueue(Protocol):
     async def submit(self, spec: JobSpec) -> None:
-        """Enqueue, or raise QueueFullError."""
+        """Enqueue, or raise QueueFullError or QueueUnavailableError."""
 
     def subscribe(self, job_id: str) -> Subscription: ...
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from fastapi import Request
 
@@ -26,7 +26,7 @@ from .image_store import LocalImageStore
 from .images import MIME_TYPES
 from .jobs import FailedEvent, JobEvent, JobSpec, PreviewEvent, ResultEvent, is_terminal
 from .metrics import ServerMetrics
-from .queues import ApiQueue
+from .queues import ApiQueue, Subscription
 from .schemas import ImageData, ImagesResponse, InputTokensDetails, OutputTokensDetails, Usage
 
 POLL_S = 0.25  # how often a waiting request checks its client is still connected
@@ -51,11 +51,19 @@ def failure_error(event: FailedEvent) -> ApiError:
     return ApiError(500, event.message, code=event.code or "server_error")
 
 
-async def job_events(
+def job_events(
     queue: ApiQueue, job_id: str, request: Request, deadline: float, metrics: ServerMetrics
 ) -> AsyncIterator[JobEvent]:
-    """The job's events up to its terminal one; cancels the job if the caller stops listening first."""
-    subscription = queue.subscribe(job_id)
+    """The job's events up to its terminal one; cancels the job if the caller stops listening first.
+
+    Subscribes now, before the caller's first iteration (a stream starts only when the response is sent).
+    """
+    return _follow(queue, queue.subscribe(job_id), job_id, request, deadline, metrics)
+
+
+async def _follow(
+    queue: ApiQueue, subscription: Subscription, job_id: str, request: Request, deadline: float, metrics: ServerMetrics
+) -> AsyncIterator[JobEvent]:
     finished = False
     reason = "client_disconnect"
     try:

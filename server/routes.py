@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from fastapi import APIRouter, Depends, Request
@@ -13,7 +14,7 @@ from starlette.datastructures import UploadFile
 
 from .errors import ApiError, bad_request
 from .jobs import JobSpec
-from .queues import QueueFullError
+from .queues import QueueFullError, QueueUnavailableError
 from .results import ResponseInfo, job_events, json_response, sse_stream
 from .schemas import (
     ErrorBody,
@@ -28,11 +29,16 @@ from .schemas import (
 from .services import Services
 from .validation import build_job
 
+log = logging.getLogger(__name__)
+
 FORM_FIELD_BYTES = 1 << 20
 FORM_CONTENT_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 STARTED = int(time.time())
 ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 404, 413, 429, 500, 503, 504)}
-IMAGE_RESPONSES = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"}, **ERRORS}
+IMAGE_RESPONSES = {
+    200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"},
+    **ERRORS,
+}
 
 api_router = APIRouter(prefix="/v1")
 ops_router = APIRouter()
@@ -124,7 +130,9 @@ async def metrics(request: Request) -> Response:
 async def read_edit_form(request: Request, max_upload_bytes: int) -> tuple[ImageEditRequest, bytes]:
     """The multipart edit form -> (its text fields, the one input image's bytes)."""
     if not request.headers.get("content-type", "").startswith(FORM_CONTENT_TYPES):
-        raise bad_request("Edits take multipart/form-data with an `image` file and a `prompt`.", None, "invalid_content_type")
+        raise bad_request(
+            "Edits take multipart/form-data with an `image` file and a `prompt`.", None, "invalid_content_type"
+        )
     fields: dict[str, str] = {}
     images: list[UploadFile] = []
     async with request.form(max_files=4, max_fields=64, max_part_size=FORM_FIELD_BYTES) as form:
@@ -160,6 +168,11 @@ async def run_job(svc: Services, spec: JobSpec, body: ImageRequest, request: Req
     except QueueFullError as err:
         retry = str(svc.settings.retry_after_s)
         raise ApiError(429, f"The server is busy: {err}", code="queue_full", headers={"Retry-After": retry}) from err
+    except QueueUnavailableError as err:
+        raise ApiError(503, f"The job queue is unavailable: {err}", code="queue_unavailable") from err
+    log.info(
+        "job %s: %s %s n=%d user=%r", spec.job_id, stream_kind, spec.size, spec.n, body.user or body.safety_identifier
+    )
     info = ResponseInfo(
         created=int(time.time()),
         size=spec.size,

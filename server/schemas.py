@@ -24,7 +24,9 @@ class ImageRequest(BaseModel):
     prompt: str = Field(min_length=1, description="what to draw; limited in tokens")
     model: str | None = Field(None, description="the served model id (GET /v1/models)")
     n: int | None = Field(1, ge=1, le=10, description="number of images")
-    size: str | None = Field("auto", description="WxH in multiples of 16, or auto (512x512)")
+    size: str | None = Field(
+        "auto", pattern=r"^(auto|[0-9]{1,6}x[0-9]{1,6})$", description="WxH in multiples of 16, or auto (512x512)"
+    )
     quality: Quality | None = Field(None, description="low: 1/2, medium: 3/4, others: all published steps")
     response_format: Literal["url", "b64_json"] | None = Field(None, description="default b64_json")
     output_format: OutputFormat | None = Field(None, description="default png")
@@ -124,4 +126,5 @@ def edit_form_schema() -> dict:
         "mask": dict(binary, description="not supported: 400"),
         **schema["properties"],
     }
+    schema["required"] = ["image", "prompt"]  # or one `image[]` instead of `image`
     return schema

@@ -69,7 +69,9 @@ def sampling_params(request: ImageRequest, settings: Settings, family: str, edit
         defaults.num_steps, request.quality, 2 if (request.sampler or defaults.sampler) == "legacy-sde" else 1
     )
     if steps > settings.max_steps:
-        raise bad_request(f"num_inference_steps must be at most {settings.max_steps}; got {steps}", "num_inference_steps")
+        raise bad_request(
+            f"num_inference_steps must be at most {settings.max_steps}; got {steps}", "num_inference_steps"
+        )
     try:
         return with_overrides(
             defaults,

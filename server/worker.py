@@ -14,8 +14,8 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from model.bundle import ModelBundle
 
@@ -90,14 +90,14 @@ class Worker:
     def _run(self) -> None:
         try:
             self.load()
-        except Exception as err:  # noqa: BLE001 - a model that fails to load leaves /ready at 503
+        except Exception as err:  # a model that fails to load leaves /ready at 503
             log.exception("worker could not load the model")
             self.load_error = str(err)
             return
         while not self._stop.is_set():
             try:
                 self.run_once()
-            except Exception:  # noqa: BLE001 - e.g. the queue is unreachable: wait and try again
+            except Exception:  # e.g. the queue is unreachable: wait and try again
                 log.exception("worker loop failed; retrying in %.0f s", QUEUE_RETRY_S)
                 self._stop.wait(QUEUE_RETRY_S)
 
@@ -157,7 +157,7 @@ class Worker:
         started = time.perf_counter()
         try:
             self.engine.step()
-        except Exception:  # noqa: BLE001 - an engine bug must not take the worker down
+        except Exception:  # an engine bug must not take the worker down
             log.exception("engine step failed with %d active job(s); rebuilding the engine", len(self.active))
             self._recover_from_crash()
             return
@@ -191,7 +191,7 @@ class Worker:
             return
         try:
             self._handle_event(job, event)
-        except Exception:  # noqa: BLE001 - never let publishing (e.g. Redis down) break the engine's step
+        except Exception:  # never let publishing (e.g. Redis down) break the engine's step
             log.exception("could not publish %s of job %s", type(event).__name__, event.request_id)
 
     def _handle_event(self, job: ActiveJob, event: EngineEvent) -> None:
@@ -204,11 +204,15 @@ class Worker:
             self.queue.publish(spec.job_id, PreviewEvent(event.image_index, event.preview_index, _b64(data)))
         elif isinstance(event, ImageDone):
             self.images_this_step += 1
-            job.images[event.image_index] = _b64(encode_image(event.pixels, spec.output_format, spec.output_compression))
+            job.images[event.image_index] = _b64(
+                encode_image(event.pixels, spec.output_format, spec.output_compression)
+            )
         elif isinstance(event, RequestDone):
             del self.active[spec.job_id]
             if sorted(job.images) != list(range(spec.n)):
-                self._fail(spec.job_id, f"the engine returned {len(job.images)} of {spec.n} images", False, "engine_error")
+                self._fail(
+                    spec.job_id, f"the engine returned {len(job.images)} of {spec.n} images", False, "engine_error"
+                )
                 return
             images = [job.images[i] for i in range(spec.n)]
             self.queue.finish(

@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import httpx
 import pytest
@@ -50,6 +50,18 @@ def metric(url: str, name: str, **labels) -> float:
     return 0.0
 
 
+def make_job(job_id: str = "j1", **fields):
+    """A valid JobSpec for a 32x32 image with 2 sampling steps; `fields` override anything."""
+    from model.sampling import published_defaults
+    from server.jobs import JobSpec
+
+    params = asdict(replace(published_defaults("nextstep-1", edit=False), num_steps=2))
+    now = time.time()
+    base = {"job_id": job_id, "prompt": "a cat", "width": 32, "height": 32, "n": 1, "seed": 1, "params": params,
+            "enqueued_at": now, "deadline": now + 60}  # fmt: skip
+    return JobSpec(**{**base, **fields})
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle():
     from model.bundle import load_bundle
@@ -68,7 +80,7 @@ class LiveServer:
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> LiveServer:
+    def __enter__(self):
         self.thread.start()
         wait_until(lambda: self.server.started, what="uvicorn to start")
         wait_until(lambda: httpx.get(f"{self.url}/ready").status_code == 200, what="the server to be ready")

@@ -117,7 +117,7 @@ def test_generation_matches_the_reference_generator(client, tiny_bundle):
 
 
 def test_sampling_extensions_reach_the_sampler(client, tiny_bundle):
-    fields = dict(guidance_scale=3.0, timesteps_shift=2.0, sampler="ode", guidance_schedule="linear")
+    fields = {"guidance_scale": 3.0, "timesteps_shift": 2.0, "sampler": "ode", "guidance_schedule": "linear"}
     body = generate(client, prompt="a dog", seed=3, num_inference_steps=3, negative_prompt="blurry", **fields).json()
     defaults = published_defaults(tiny_bundle.config.family, edit=False)
     params = replace(defaults, num_steps=3, **fields)
@@ -139,7 +139,9 @@ def test_size_auto_and_missing_size_use_the_default_size(client):
 
 @pytest.mark.parametrize("quality, steps", [("low", 25), ("medium", 38), ("high", 50)])
 def test_quality_picks_a_fraction_of_the_published_steps(client, quality, steps):
-    by_quality = client.post("/v1/images/generations", json={"prompt": "q", "size": "32x32", "seed": 4, "quality": quality})
+    by_quality = client.post(
+        "/v1/images/generations", json={"prompt": "q", "size": "32x32", "seed": 4, "quality": quality}
+    )
     by_steps = generate(client, prompt="q", seed=4, num_inference_steps=steps)
     assert by_quality.json()["data"][0]["b64_json"] == by_steps.json()["data"][0]["b64_json"]
     assert by_quality.json()["quality"] == quality
@@ -154,7 +156,9 @@ def test_output_format_sets_the_file_format(client, output_format, pil_format):
 
 def test_output_compression_trades_jpeg_size_for_quality(client):
     sizes = [
-        len(base64.b64decode(generate(client, output_format="jpeg", output_compression=c).json()["data"][0]["b64_json"]))
+        len(
+            base64.b64decode(generate(client, output_format="jpeg", output_compression=c).json()["data"][0]["b64_json"])
+        )
         for c in (10, 100)
     ]
     assert sizes[0] < sizes[1]

@@ -5,23 +5,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import time
-from dataclasses import asdict, replace
 
 import pytest
 from PIL import Image
 
-from model.sampling import published_defaults
 from server.jobs import FailedEvent, JobFormatError, JobSpec, PreviewEvent, ResultEvent, event_from_json, event_to_json
 from server.queue_local import LocalQueue
 from server.queues import QueueFullError
+from tests.conftest import make_job
 
 
-def job(job_id="j1", **fields) -> JobSpec:
-    params = asdict(replace(published_defaults("nextstep-1", edit=False), num_steps=4))
-    base = dict(job_id=job_id, prompt="a cat", width=64, height=32, n=2, seed=2**63 + 5, params=params,
-                enqueued_at=time.time(), deadline=time.time() + 10)  # fmt: skip
-    return JobSpec(**{**base, **fields})
+def job(job_id="j1", **fields):
+    return make_job(job_id, **{"width": 64, "n": 2, "seed": 2**63 + 5, **fields})
 
 
 def test_job_round_trips_through_json():
@@ -37,7 +32,7 @@ def test_job_becomes_the_engine_request_it_describes():
     assert request.request_id == "j1" and request.partial_images == 2
     generation = request.request
     assert (generation.width, generation.height, generation.n, generation.seed) == (64, 32, 2, 2**63 + 5)
-    assert generation.params.num_steps == 4 and generation.image.getpixel((0, 0)) == (1, 2, 3)
+    assert generation.params.num_steps == 2 and generation.image.getpixel((0, 0)) == (1, 2, 3)
 
 
 @pytest.mark.parametrize(

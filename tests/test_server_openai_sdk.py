@@ -83,5 +83,7 @@ def test_sdk_raises_openai_errors(client):
 
 def test_sdk_extra_body_reaches_the_server_for_edits_too(client):
     with pytest.raises(openai.BadRequestError) as bad:
-        client.images.edit(image=("in.png", source_png(), "image/png"), prompt="x", extra_body={"num_inference_steps": 0})
+        client.images.edit(
+            image=("in.png", source_png(), "image/png"), prompt="x", extra_body={"num_inference_steps": 0}
+        )
     assert bad.value.param == "num_inference_steps"

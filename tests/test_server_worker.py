@@ -5,17 +5,16 @@ from __future__ import annotations
 import base64
 import io
 import time
-from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from model.sampling import published_defaults
 from server.engine.events import EngineStats, ImageDone, ImagePreview, RequestDone, RequestFailed, preview_points
-from server.jobs import FailedEvent, JobSpec, PreviewEvent, ResultEvent
+from server.jobs import FailedEvent, PreviewEvent, ResultEvent
 from server.metrics import ServerMetrics
 from server.worker import Worker
+from tests.conftest import make_job
 
 TOKENS = 3  # every fake request takes this many steps
 
@@ -91,11 +90,8 @@ class RecordingQueue:
         return hits
 
 
-def job(job_id, prompt="a cat", n=1, **fields) -> JobSpec:
-    params = asdict(replace(published_defaults("nextstep-1", edit=False), num_steps=2))
-    base = dict(job_id=job_id, prompt=prompt, width=32, height=32, n=n, seed=1, params=params,
-                enqueued_at=time.time(), deadline=time.time() + 60, text_tokens=5)  # fmt: skip
-    return JobSpec(**{**base, **fields})
+def job(job_id, prompt="a cat", n=1, **fields):
+    return make_job(job_id, prompt=prompt, n=n, text_tokens=5, **fields)
 
 
 def make_worker(queue, prefetch=2):
