@@ -111,7 +111,7 @@ def check_head(results: dict, steps: int = 50) -> None:
     head_params = sum(p.numel() for p in model.image_head.parameters())
     out = {}
     for images in (1, 64, 128, 256):
-        key = GraphKey("legacy-sde", steps, 1.0, 2, images)
+        key = GraphKey("legacy-sde", steps, 1.0, 2, False, images)
         batch = StaticBatch(key, model)
         batch.conditions.normal_()
         batch.cfg.fill_(7.5)

@@ -76,10 +76,13 @@ class RotaryEmbedding:
 
     def __init__(self, head_dim: int, theta: float, rope_scaling: dict | None, max_position_embeddings: int):
         self.inv_freq, self.attention_scaling = rope_frequencies(head_dim, theta, rope_scaling, max_position_embeddings)
+        self._on_device: dict[torch.device, torch.Tensor] = {}  # copies, so a CUDA graph never copies from host
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: int [..., T] -> cos, sin [..., T, head_dim] in `dtype` (computed in float32)."""
-        inv_freq = self.inv_freq.to(positions.device)
+        inv_freq = self._on_device.get(positions.device)
+        if inv_freq is None:
+            inv_freq = self._on_device[positions.device] = self.inv_freq.to(positions.device)
         freqs = positions.float()[..., None] * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = emb.cos() * self.attention_scaling

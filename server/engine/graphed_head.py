@@ -42,6 +42,7 @@ class GraphKey:
     num_steps: int
     timesteps_shift: float
     slots: int
+    rescale: bool
     bucket: int
 
 
@@ -62,14 +63,17 @@ class StaticBatch:
         self.out: torch.Tensor | None = None
 
 
-def _noise(batch: StaticBatch, step: int) -> torch.Tensor:
-    """token_noise for every row, from device tensors (no host sync, capturable)."""
-    step_c = torch.full_like(batch.token, step)
-    normals = philox_normal4(batch.blocks, batch.token, step_c, batch.image, batch.seed)
-    return normals.reshape(batch.token.shape[0], -1)
+def _all_noise(batch: StaticBatch, num_steps: int) -> torch.Tensor:
+    """token_noise of every row for steps 0..num_steps at once: [num_steps + 1, B, D].
+
+    One philox pass instead of one per step: a few dozen kernels rather than a few thousand.
+    """
+    steps = torch.arange(num_steps + 1, dtype=torch.int64, device=batch.token.device)[:, None, None]
+    normals = philox_normal4(batch.blocks[None], batch.token[None], steps, batch.image[None], batch.seed[None])
+    return normals.reshape(num_steps + 1, batch.token.shape[0], -1)
 
 
-def _guided(v: torch.Tensor, batch: StaticBatch) -> torch.Tensor:
+def _guided(v: torch.Tensor, batch: StaticBatch, rescale: bool) -> torch.Tensor:
     """v: [slots, B, D] -> guided [B, D], the reference's combine with per-row scales."""
     if v.shape[0] == 2:
         cond, uncond = v
@@ -77,6 +81,8 @@ def _guided(v: torch.Tensor, batch: StaticBatch) -> torch.Tensor:
     else:
         cond, uncond_image, uncond_none = v
         guided = uncond_none + batch.cfg_img * (uncond_image - uncond_none) + batch.cfg * (cond - uncond_image)
+    if not rescale:  # no image in this batch asked for it
+        return guided
     ratio = cond.norm(dim=-1, keepdim=True) / (guided.norm(dim=-1, keepdim=True) + RESCALE_EPS)
     return guided * torch.where(batch.rescale, torch.clamp(ratio, max=1.0), torch.ones_like(ratio))
 
@@ -92,13 +98,14 @@ def sample_loop(model: NextStepModel, key: GraphKey, batch: StaticBatch) -> torc
 
     def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
         v = model.image_head.velocity(x.repeat(key.slots, 1), t, conditions)
-        return _guided(v.view(key.slots, key.bucket, -1), batch)
+        return _guided(v.view(key.slots, key.bucket, -1), batch, key.rescale)
 
     n = key.num_steps
-    x = _noise(batch, 0)
+    noise = _all_noise(batch, n)
+    x = noise[0]
     if key.sampler == "legacy-sde":
         for i in range(n - 1):
-            x = legacy_sde_step(x, velocity(x, grid[i]), grid[i], grid[i + 1], _noise(batch, i + 1))
+            x = legacy_sde_step(x, velocity(x, grid[i]), grid[i], grid[i + 1], noise[i + 1])
         x = legacy_final_step(x, velocity(x, grid[n - 1]))
     else:
         for i in range(n):
@@ -107,11 +114,16 @@ def sample_loop(model: NextStepModel, key: GraphKey, batch: StaticBatch) -> torc
             if key.sampler == "ode":
                 x = flow_ode_step(x, v, t, t_next)
             elif key.sampler == "sde":
-                x = flow_sde_step(x, v, t, t_next, _noise(batch, i + 1), sigma_max=grid[n - 1])
+                x = flow_sde_step(x, v, t, t_next, noise[i + 1], sigma_max=grid[n - 1])
             else:
-                x = flow_cps_step(x, v, t, t_next, _noise(batch, i + 1))
+                x = flow_cps_step(x, v, t, t_next, noise[i + 1])
     normed = F.layer_norm(x, x.shape[-1:], eps=TOKEN_NORM_EPS)
     return torch.where(batch.use_norm, normed, x)
+
+
+def _rescales(image: ImageState) -> bool:
+    """The reference rescales only a guided velocity (more than one branch)."""
+    return image.request.request.params.rescale_guidance and len(image.branches) > 1
 
 
 def bucket_for(rows: int) -> int:
@@ -140,9 +152,10 @@ class GraphedHeadSampler:
         tokens: list[torch.Tensor | None] = [None] * len(images)
         for (sampler, steps, shift), members in groups.items():
             slots = 3 if any(len(images[i].branches) == 3 for i in members) else 2
+            rescale = any(_rescales(images[i]) for i in members)
             for start in range(0, len(members), BUCKETS[-1]):
                 part = members[start : start + BUCKETS[-1]]
-                key = GraphKey(sampler, steps, shift, slots, bucket_for(len(part)))
+                key = GraphKey(sampler, steps, shift, slots, rescale, bucket_for(len(part)))
                 out = self._run(key, [images[i] for i in part])
                 for row, i in enumerate(part):
                     tokens[i] = out[row]
@@ -172,9 +185,7 @@ class GraphedHeadSampler:
 
         batch.cfg.copy_(column((s[0] for s in scales), torch.float32))
         batch.cfg_img.copy_(column((s[1] for s in scales), torch.float32))
-        batch.rescale.copy_(
-            column((im.request.request.params.rescale_guidance and len(im.branches) > 1 for im in images), torch.bool)
-        )
+        batch.rescale.copy_(column((_rescales(im) for im in images), torch.bool))
         batch.use_norm.copy_(column((im.request.request.params.use_norm for im in images), torch.bool))
         seeds = (im.request.request.seed for im in images)
         batch.seed.copy_(column((s - 2**64 if s >= 2**63 else s for s in seeds), torch.int64))

@@ -17,7 +17,14 @@ from .scheduler import Chunk
 
 
 class ModelRunner:
-    def __init__(self, bundle: ModelBundle, num_blocks: int, block_size: int, attention_backend: str | None = None):
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        num_blocks: int,
+        block_size: int,
+        attention_backend: str | None = None,
+        use_graphs: bool = True,
+    ):
         self.bundle = bundle
         self.model = bundle.model
         self.generator = bundle.reference_generator()
@@ -26,8 +33,12 @@ class ModelRunner:
         self.attention_backend = attention_backend
         shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
         device, dtype = self.model.device, self.model.dtype
+        # one block more than the block manager hands out: padding rows of a decode graph write there
+        shape = (num_blocks + 1, *shape[1:])
+        self.scratch_block = num_blocks
         self.k_cache = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.v_cache = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.decode_graphs = DecodeGraphs(self) if device.type == "cuda" and use_graphs else None
 
     @staticmethod
     def kv_bytes_per_block(bundle: ModelBundle, block_size: int) -> int:
@@ -71,23 +82,37 @@ class ModelRunner:
         """Run every chunk's positions through the decoder; K/V land in the paged cache.
 
         Returns the final normed hidden state of each chunk's last position, [len(chunks), hidden].
+        Steps where every chunk is one position (pure decode) replay a CUDA graph on GPU.
         """
-        model, device = self.model, self.model.device
+        device, bs = self.model.device, self.block_size
         lengths = [c.end - c.start for c in chunks]
-        positions = torch.cat([torch.arange(c.start, c.end) for c in chunks]).to(device)
-        bs = self.block_size
-        slots = torch.tensor(
-            [c.branch.block_table[p // bs] * bs + p % bs for c in chunks for p in range(c.start, c.end)],
-            dtype=torch.int64,
-        ).to(device)
-        max_blocks = max(len(c.branch.block_table) for c in chunks)
-        tables = torch.tensor(
-            [c.branch.block_table + [0] * (max_blocks - len(c.branch.block_table)) for c in chunks], dtype=torch.int32
-        ).to(device)
-        seq_lens = torch.tensor([c.end for c in chunks], dtype=torch.int32).to(device)
-        starts = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
-
+        positions = [p for c in chunks for p in range(c.start, c.end)]
+        slots = [c.branch.block_table[p // bs] * bs + p % bs for c in chunks for p in range(c.start, c.end)]
+        tables = [c.branch.block_table for c in chunks]
+        seq_lens = [c.end for c in chunks]
         x = self._embed(chunks)
+        if self.decode_graphs is not None and max(lengths) == 1 and len(chunks) <= DECODE_BUCKETS[-1]:
+            return self.decode_graphs.run(x, positions, slots, tables, seq_lens)
+        width = max(len(t) for t in tables)
+        starts = torch.tensor([0, *lengths]).cumsum(0)
+        return self.forward(
+            x,
+            torch.tensor(positions, device=device),
+            torch.tensor(slots, dtype=torch.int64, device=device),
+            torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device),
+            torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            starts.to(device=device, dtype=torch.int32),
+            (starts[1:] - 1).to(device),
+        )
+
+    def forward(self, x, positions, slots, tables, seq_lens, starts, last_rows) -> torch.Tensor:
+        """The decoder over packed positions, all metadata on the device (no host sync: capturable).
+
+        x: [T, hidden] input embeddings; positions, slots: int64 [T]; tables: int32 [S, width];
+        seq_lens: int32 [S]; starts: int32 [S + 1] query offsets; last_rows: int64 [S].
+        Returns the final normed hidden states at last_rows, [S, hidden].
+        """
+        model = self.model
         cos, sin = model.rotary.cos_sin(positions[None], x.dtype)
         total = x.shape[0]
         for i, layer in enumerate(model.layers):
@@ -105,9 +130,78 @@ class ModelRunner:
             )
             x = x + attn.o_proj(out.reshape(total, attn.num_heads * attn.head_dim))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        last_rows = starts[1:].long() - 1
         return model.norm(x[last_rows])
 
     def decode_image(self, tokens: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
         """tokens [N, token_dim] -> uint8 [H, W, 3], exactly as the reference decodes."""
         return self.generator.decode(tokens[None], grid_h, grid_w)[0]
+
+
+DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 384, 512)
+
+
+class DecodeGraphs:
+    """CUDA graphs of a pure-decode backbone step, by (sequences bucket, block-table width bucket).
+
+    Padding rows decode one position in the runner's scratch block, so they never touch a real
+    sequence's cache; their outputs are dropped.
+    """
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
+        self.pool = None
+
+    @staticmethod
+    def _bucket(value: int, sizes) -> int:
+        return next(s for s in sizes if s >= value)
+
+    def run(self, x, positions, slots, tables, seq_lens) -> torch.Tensor:
+        n = x.shape[0]
+        batch = self._bucket(n, DECODE_BUCKETS)
+        width = 1 << max(len(t) for t in tables).bit_length()  # powers of two: few graphs, any length
+        key = (batch, width)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(batch, width)
+        graph, inputs, out = self.graphs[key]
+        runner, pad = self.runner, batch - n
+        scratch = runner.scratch_block
+        inputs["x"][:n].copy_(x)
+        inputs["positions"].copy_(torch.tensor(positions + [0] * pad))
+        inputs["slots"].copy_(torch.tensor(slots + [scratch * runner.block_size] * pad))
+        inputs["tables"].copy_(
+            torch.tensor([t + [scratch] * (width - len(t)) for t in tables] + [[scratch] * width] * pad, dtype=torch.int32)
+        )
+        inputs["seq_lens"].copy_(torch.tensor(seq_lens + [1] * pad, dtype=torch.int32))
+        graph.replay()
+        return out[:n].clone()
+
+    def _capture(self, batch: int, width: int):
+        runner = self.runner
+        model, device = runner.model, runner.model.device
+        scratch = runner.scratch_block
+        inputs = {
+            "x": torch.zeros(batch, model.config.hidden_size, device=device, dtype=model.dtype),
+            "positions": torch.zeros(batch, dtype=torch.int64, device=device),
+            "slots": torch.full((batch,), scratch * runner.block_size, dtype=torch.int64, device=device),
+            "tables": torch.full((batch, width), scratch, dtype=torch.int32, device=device),
+            "seq_lens": torch.ones(batch, dtype=torch.int32, device=device),
+        }
+        starts = torch.arange(batch + 1, dtype=torch.int32, device=device)
+        last_rows = torch.arange(batch, device=device)
+
+        def step():
+            return runner.forward(
+                inputs["x"], inputs["positions"], inputs["slots"], inputs["tables"], inputs["seq_lens"], starts, last_rows
+            )
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()  # compile kernels and warm the allocator outside the graph
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = step()
+        self.pool = graph.pool()
+        return graph, inputs, out
