@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import traceback
 from dataclasses import replace
 
 import torch
@@ -181,6 +182,7 @@ def main() -> None:
             except Exception as err:  # noqa: BLE001 - keep the other checks' results
                 results[name + "_error"] = repr(err)
                 print(name, "FAILED", repr(err), flush=True)
+                traceback.print_exc()
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(results, f, indent=2, default=str)
