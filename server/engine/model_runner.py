@@ -187,13 +187,12 @@ class DecodeGraphs:
             "tables": torch.full((batch, width), scratch, dtype=torch.int32, device=device),
             "seq_lens": torch.ones(batch, dtype=torch.int32, device=device),
         }
-        starts = torch.arange(batch + 1, dtype=torch.int32, device=device)
-        last_rows = torch.arange(batch, device=device)
+        # kept in `inputs`: the graph reads these addresses on every replay, they must outlive the capture
+        inputs["starts"] = torch.arange(batch + 1, dtype=torch.int32, device=device)
+        inputs["last_rows"] = torch.arange(batch, device=device)
 
         def step():
-            return runner.forward(
-                inputs["x"], inputs["positions"], inputs["slots"], inputs["tables"], inputs["seq_lens"], starts, last_rows
-            )
+            return runner.forward(**inputs)
 
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
