@@ -85,6 +85,7 @@ def make_engine(bundle, args, done_at: dict) -> BatchedEngine:
             kv_cache_bytes=int(args.kv_cache_gb * 2**30),
             max_running_images=max(args.concurrency),
             max_batched_tokens=args.max_batched_tokens,
+            time_phases=not args.overlap,
         ),
     )
     for c in args.concurrency:  # capture every head-graph bucket the levels will use
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-gb", type=float, default=1.0)
     p.add_argument("--max-batched-tokens", type=int, default=4096)
+    p.add_argument("--overlap", action="store_true", help="no GPU sync between phases (no time breakdown)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
 

@@ -43,6 +43,7 @@ class EngineConfig:
     max_batched_tokens: int = 2048
     attention_backend: str | None = None  # None: automatic (reference on CPU)
     static_head: bool | None = None  # static-shaped head loop (CUDA graphs on GPU); None: on GPU only
+    time_phases: bool = True  # synchronize the GPU after each phase so StepTimings splits time exactly
 
 
 @dataclass
@@ -202,7 +203,7 @@ class BatchedEngine:
         self.on_event(RequestFailed(state.request_id, message, client_error=False))
 
     def _sync(self) -> None:
-        if self.bundle.model.device.type == "cuda":
+        if self.config.time_phases and self.bundle.model.device.type == "cuda":
             torch.cuda.synchronize()
 
     def image_status(self, request_id: str) -> list[ImageStatus]:
