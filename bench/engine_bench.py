@@ -82,7 +82,7 @@ def make_engine(bundle, args, done_at: dict) -> BatchedEngine:
         on_event,
         EngineConfig(
             block_size=args.block_size,
-            kv_cache_bytes=int(args.kv_cache_gb * 2**30),
+            kv_cache_bytes=int(args.kv_cache_gb * 2**30) if args.kv_cache_gb else None,
             max_running_images=max(args.concurrency),
             max_batched_tokens=args.max_batched_tokens,
             time_phases=not args.overlap,
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     p.add_argument("--reference-tokens", type=int, default=0, help="time only K reference tokens (0: whole image)")
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--kv-cache-gb", type=float, default=1.0)
+    p.add_argument("--kv-cache-gb", type=float, default=0, help="0: what the device has free")
     p.add_argument("--max-batched-tokens", type=int, default=4096)
     p.add_argument("--overlap", action="store_true", help="no GPU sync between phases (no time breakdown)")
     p.add_argument("--json", help="write the results here")

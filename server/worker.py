@@ -28,7 +28,7 @@ from .engine.events import (
     RequestDone,
     RequestFailed,
 )
-from .engine.sequential import SequentialEngine
+from .engine.engine import BatchedEngine
 from .images import encode_image
 from .jobs import FailedEvent, JobSpec, PreviewEvent, ResultEvent
 from .metrics import ServerMetrics
@@ -42,7 +42,7 @@ QUEUE_RETRY_S = 1.0
 
 def make_engine(bundle: ModelBundle, on_event: EventSink) -> Engine:
     """The one place the engine class is chosen."""
-    return SequentialEngine(bundle, on_event)
+    return BatchedEngine(bundle, on_event)
 
 
 @dataclass

@@ -38,7 +38,7 @@ from .sequence import BranchSequence, ImageState, ImageStatus, RequestState
 class EngineConfig:
     block_size: int = 16
     num_blocks: int | None = None  # None: from kv_cache_bytes
-    kv_cache_bytes: int = 256 * 2**20
+    kv_cache_bytes: int | None = None  # None: 512 MiB on CPU; on GPU what is free after the weights, less headroom
     max_running_images: int = 256
     max_batched_tokens: int = 2048
     attention_backend: str | None = None  # None: automatic (reference on CPU)
@@ -58,14 +58,23 @@ class StepTimings:
     batch_sizes: list[int] = field(default_factory=list)
 
 
+GPU_HEADROOM_BYTES = 12 * 2**30  # activations, CUDA graphs, VAE decode
+
+
+def default_kv_cache_bytes(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 512 * 2**20
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(free - GPU_HEADROOM_BYTES, free // 4)
+
+
 class BatchedEngine:
     def __init__(self, bundle: ModelBundle, on_event: EventSink, config: EngineConfig = EngineConfig()):
         self.bundle = bundle
         self.on_event = on_event
         self.config = config
-        num_blocks = config.num_blocks or max(
-            1, config.kv_cache_bytes // ModelRunner.kv_bytes_per_block(bundle, config.block_size)
-        )
+        kv_bytes = config.kv_cache_bytes or default_kv_cache_bytes(bundle.model.device)
+        num_blocks = config.num_blocks or max(1, kv_bytes // ModelRunner.kv_bytes_per_block(bundle, config.block_size))
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(SchedulerConfig(config.max_running_images, config.max_batched_tokens), self.blocks)
         self.runner = ModelRunner(bundle, num_blocks, config.block_size, config.attention_backend)
