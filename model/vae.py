@@ -12,6 +12,7 @@ algebra (encoder_norm, scaling, shift, patchify) lives in `model/latents.py`.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import FAMILY_V1, FAMILY_V11, ConfigError
+
+log = logging.getLogger(__name__)
 
 GROUP_NORM_GROUPS = 32
 GROUP_NORM_EPS = 1e-6
@@ -360,8 +363,9 @@ def load_vae(
     config = VAEConfig.from_file(directory / CONFIG_FILE, family)
     state = _read_state_dict(directory / CHECKPOINT_FILE)
     model = _empty_autoencoder(config)
-    _check_state_dict(state, model.state_dict(), directory / CHECKPOINT_FILE)
-    model.load_state_dict(state, strict=True, assign=True)
+    expected = model.state_dict()
+    _check_state_dict(state, expected, directory / CHECKPOINT_FILE)
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=True, assign=True)
     model = model.to(device=device, dtype=dtype).eval()
     model.requires_grad_(False)
     return model, config
@@ -391,9 +395,12 @@ def _check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.
         for key, tensor in expected.items()
         if key in state and state[key].shape != tensor.shape
     ]
+    # extra tensors (upstream loads this file non-strictly) are reported, not fatal
+    if unexpected:
+        log.warning("VAE checkpoint %s: ignored unexpected keys (%d): %s", path, len(unexpected), _first_few(unexpected))
     problems = [
         f"{label} ({len(items)}): {_first_few(items)}"
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong_shapes))
+        for label, items in (("missing keys", missing), ("wrong shapes", wrong_shapes))
         if items
     ]
     if problems:

@@ -153,6 +153,19 @@ def test_random_mix_with_arrivals_aborts_and_preemption_equals_the_reference(bun
     assert_all_blocks_free(engine)
 
 
+def test_full_size_and_non_square_images_equal_the_reference(bundle, reference):
+    """512x512 (1024 tokens) next to 512x256, unguided and 2 steps to keep the CPU time down."""
+    events = Collector()
+    engine = BatchedEngine(bundle, events)
+    specs = [
+        EngineRequest("square", t2i(width=512, height=512, num_steps=2, guidance_scale=1.0, seed=9)),
+        EngineRequest("wide", t2i(width=512, height=256, num_steps=2, guidance_scale=1.0, seed=10)),
+    ]
+    run(engine, {0: specs[:1], 5: specs[1:]})
+    assert_matches_reference(events, specs, reference)
+    assert_all_blocks_free(engine)
+
+
 def test_static_shaped_head_loop_equals_the_reference(bundle, reference):
     """The graph-ready head loop (run eagerly on CPU) gives the reference's images too."""
     events = Collector()
