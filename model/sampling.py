@@ -291,3 +291,29 @@ def finalize_token(x: torch.Tensor, use_norm: bool) -> torch.Tensor:
     if not use_norm:
         return x
     return F.layer_norm(x, x.shape[-1:], eps=TOKEN_NORM_EPS)
+
+
+def update_coefficients(params: SamplingParams, i: int) -> tuple[float, float, float]:
+    """Update i of the sampler as x_new = a x + b v + c z (the same algebra as the step functions).
+
+    For legacy-sde, i = N - 1 is the final 0.04 step. Fused kernels use this form.
+    """
+    grid = timesteps(params).tolist()
+    n = params.num_steps
+    t = grid[i]
+    if params.sampler == "legacy-sde":
+        if i == n - 1:
+            return 1.0, LEGACY_LAST_STEP_SIZE, 0.0
+        dt = grid[i + 1] - t
+        return 1.0 - dt, (1.0 + t) * dt, math.sqrt(2.0 * (1.0 - t)) * math.sqrt(dt)
+    t_next = grid[i + 1]
+    if params.sampler == "ode":
+        return 1.0, t_next - t, 0.0
+    if params.sampler == "sde":
+        dt, sigma, sigma_max = t_next - t, 1.0 - t, grid[n - 1]
+        std = FLOW_NOISE_LEVEL * math.sqrt(sigma / (1.0 - (sigma_max if sigma == 1.0 else sigma)))
+        k = std**2 * dt / (2.0 * sigma)
+        return 1.0 - k, t_next - t + k * t, std * math.sqrt(dt)
+    std = (1.0 - t_next) * math.sin(FLOW_NOISE_LEVEL * math.pi / 2.0)
+    keep = math.sqrt((1.0 - t_next) ** 2 - std**2)
+    return keep + t_next, -t * keep + (1.0 - t) * t_next, std

@@ -43,6 +43,7 @@ class EngineConfig:
     max_batched_tokens: int = 2048
     attention_backend: str | None = None  # None: automatic (reference on CPU)
     static_head: bool | None = None  # static-shaped head loop (CUDA graphs on GPU); None: on GPU only
+    fused_head: bool | None = None  # Triton-fused head step inside that loop; None: on GPU only
     time_phases: bool = True  # synchronize the GPU after each phase so StepTimings splits time exactly
 
 
@@ -79,7 +80,9 @@ class BatchedEngine:
         self.scheduler = Scheduler(SchedulerConfig(config.max_running_images, config.max_batched_tokens), self.blocks)
         self.runner = ModelRunner(bundle, num_blocks, config.block_size, config.attention_backend)
         static_head = bundle.model.device.type == "cuda" if config.static_head is None else config.static_head
-        self.head = GraphedHeadSampler(bundle.model) if static_head else HeadSampler(bundle.model)
+        self.head = (
+            GraphedHeadSampler(bundle.model, fused=config.fused_head) if static_head else HeadSampler(bundle.model)
+        )
         self.generator = self.runner.generator
         self.requests: dict[str, RequestState] = {}
         self.timings = StepTimings()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels.fused_head import FusedHead, guided_update
 from model.nextstep import NextStepModel
 from model.noise import philox_normal4
 from model.sampling import (
@@ -29,6 +30,7 @@ from model.sampling import (
     legacy_final_step,
     legacy_sde_step,
     timesteps,
+    update_coefficients,
 )
 
 from .sequence import ImageState
@@ -89,11 +91,7 @@ def _guided(v: torch.Tensor, batch: StaticBatch, rescale: bool) -> torch.Tensor:
 
 def sample_loop(model: NextStepModel, key: GraphKey, batch: StaticBatch) -> torch.Tensor:
     """The whole N-step sampler for one token of every row; returns finalized tokens [B, D]."""
-    params = SamplingParams(
-        sampler=key.sampler, num_steps=key.num_steps, timesteps_shift=key.timesteps_shift, guidance_scale=1.0,
-        use_norm=False,
-    )
-    grid = timesteps(params).tolist()
+    grid = timesteps(_loop_params(key)).tolist()
     conditions = batch.conditions.reshape(key.slots * key.bucket, -1)
 
     def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
@@ -126,6 +124,29 @@ def _rescales(image: ImageState) -> bool:
     return image.request.request.params.rescale_guidance and len(image.branches) > 1
 
 
+def _loop_params(key: GraphKey) -> SamplingParams:
+    return SamplingParams(
+        sampler=key.sampler, num_steps=key.num_steps, timesteps_shift=key.timesteps_shift, guidance_scale=1.0,
+        use_norm=False,
+    )
+
+
+def fused_sample_loop(fused: FusedHead, key: GraphKey, batch: StaticBatch, t_emb: torch.Tensor) -> torch.Tensor:
+    """sample_loop with the fused kernels: t_emb [N, D] holds the time embedding of each step's t."""
+    params = _loop_params(key)
+    cond_emb = fused.cond_embedding(batch.conditions.reshape(key.slots * key.bucket, -1))
+    counters = (batch.seed[:, 0], batch.image[:, 0], batch.token[:, 0])
+    scales = (batch.cfg[:, 0], batch.cfg_img[:, 0], batch.rescale[:, 0])
+    x = torch.zeros(key.bucket, batch.blocks.shape[1] * 4, device=batch.seed.device)
+    x = guided_update(None, x, *scales, *counters, 0, 0.0, 0.0, 1.0, use_triton=fused.use_triton)
+    for i in range(key.num_steps):
+        v = fused.velocity(x.repeat(key.slots, 1), t_emb[i : i + 1], cond_emb).view(key.slots, key.bucket, -1)
+        a, b, c = update_coefficients(params, i)
+        x = guided_update(v, x, *scales, *counters, i + 1, a, b, c, use_triton=fused.use_triton)
+    normed = F.layer_norm(x, x.shape[-1:], eps=TOKEN_NORM_EPS)
+    return torch.where(batch.use_norm, normed, x)
+
+
 def bucket_for(rows: int) -> int:
     for size in BUCKETS:
         if size >= rows:
@@ -136,9 +157,13 @@ def bucket_for(rows: int) -> int:
 class GraphedHeadSampler:
     """Drop-in for HeadSampler; on CUDA each key's loop is captured once and replayed."""
 
-    def __init__(self, model: NextStepModel, use_graphs: bool | None = None):
+    def __init__(self, model: NextStepModel, use_graphs: bool | None = None, fused: bool | None = None):
         self.model = model
         self.use_graphs = model.device.type == "cuda" if use_graphs is None else use_graphs
+        # fused Triton head on GPU; forced on CPU it runs under TRITON_INTERPRET=1 (tests)
+        use_fused = model.device.type == "cuda" if fused is None else fused
+        self.fused = FusedHead(model.image_head.net, use_triton=True) if use_fused else None
+        self.time_embeddings: dict[GraphKey, torch.Tensor] = {}
         self.batches: dict[GraphKey, StaticBatch] = {}
         self.graphs: dict[GraphKey, torch.cuda.CUDAGraph] = {}
         self.pool = None
@@ -198,22 +223,31 @@ class GraphedHeadSampler:
             batch = self.batches[key] = StaticBatch(key, self.model)
         self._fill(batch, key, images)
         if not self.use_graphs:
-            return sample_loop(self.model, key, batch)[: len(images)].clone()
+            return self._loop(key, batch)[: len(images)].clone()
         graph = self.graphs.get(key)
         if graph is None:
             graph = self.graphs[key] = self._capture(key, batch)
         graph.replay()
         return batch.out[: len(images)].clone()
 
+    def _loop(self, key: GraphKey, batch: StaticBatch) -> torch.Tensor:
+        if self.fused is None:
+            return sample_loop(self.model, key, batch)
+        t_emb = self.time_embeddings.get(key)
+        if t_emb is None:  # constant per key, computed outside any graph
+            grid = timesteps(_loop_params(key))[: key.num_steps].to(device=self.model.device, dtype=torch.float32)
+            t_emb = self.time_embeddings[key] = self.fused.time_embedding(grid)
+        return fused_sample_loop(self.fused, key, batch, t_emb)
+
     def _capture(self, key: GraphKey, batch: StaticBatch) -> torch.cuda.CUDAGraph:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm up allocator and kernels outside the graph
-                sample_loop(self.model, key, batch)
+                self._loop(key, batch)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            batch.out = sample_loop(self.model, key, batch)
+            batch.out = self._loop(key, batch)
         self.pool = graph.pool()
         return graph

@@ -1,0 +1,97 @@
+"""Head benchmark: ms per image token for the whole N-step sampling of a batch, by rows.
+
+    python -m bench.head_bench --json head.json          # needs a GPU
+
+For rows R (= 2 x images: text guidance) at D=1536 x 12 blocks, 28 and 50 steps: eager PyTorch,
+the plain PyTorch loop as one CUDA graph, the fused Triton loop as one CUDA graph, and the floor
+max(bytes / bandwidth, FLOPs / bf16 rate) with the head's weights read once per step. Also the
+fused loop's difference from the plain loop on the same inputs (bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from bench.gpu_check import BF16_FLOPS, HBM_BYTES_PER_S, timed
+from kernels.fused_head import FusedHead
+from model.head import FlowMatchingHead
+from model.presets import preset_config
+from model.sampling import timesteps
+from server.engine.graphed_head import GraphKey, StaticBatch, _loop_params, fused_sample_loop, sample_loop
+
+
+class HeadOnly(torch.nn.Module):
+    """What the head loops need of a model: the head, the config, device and dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = preset_config("nextstep-1-large")
+        c = self.config
+        self.image_head = FlowMatchingHead(c.token_dim, c.hidden_size, c.fm_head_dim, c.fm_head_layers)
+        self.device, self.dtype = torch.device("cuda"), torch.bfloat16
+
+
+def graphed(fn):
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, nargs="+", default=[2, 16, 64, 128, 256, 512])
+    p.add_argument("--steps", type=int, nargs="+", default=[28, 50])
+    p.add_argument("--json")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    model = HeadOnly().to("cuda", torch.bfloat16)
+    for param in model.parameters():
+        param.data.normal_(0, 0.02)
+    fused = FusedHead(model.image_head.net, use_triton=True)
+    params = sum(p.numel() for p in model.image_head.parameters())
+    results = []
+    for steps in args.steps:
+        for rows in args.rows:
+            images = rows // 2
+            key = GraphKey("legacy-sde", steps, 1.0, 2, False, images)
+            batch = StaticBatch(key, model)
+            batch.conditions.normal_()
+            batch.cfg.fill_(7.5)
+            batch.seed.copy_(torch.arange(images, device="cuda")[:, None])
+            grid = timesteps(_loop_params(key))[:steps].to("cuda", torch.float32)
+            with torch.inference_mode():
+                t_emb = fused.time_embedding(grid)
+                eager_ms = timed(lambda: sample_loop(model, key, batch), repeat=1)
+                plain_graph, plain_out = graphed(lambda: sample_loop(model, key, batch))
+                fused_graph, fused_out = graphed(lambda: fused_sample_loop(fused, key, batch, t_emb))
+                plain_ms, fused_ms = timed(plain_graph.replay), timed(fused_graph.replay)
+                plain_graph.replay()
+                fused_graph.replay()
+                torch.cuda.synchronize()
+                diff = ((fused_out - plain_out).norm() / plain_out.norm()).item()
+            floor_ms = 1e3 * steps * max(2 * params / HBM_BYTES_PER_S, 2 * params * rows / BF16_FLOPS)
+            row = dict(steps=steps, rows=rows, eager_ms=eager_ms, graph_ms=plain_ms, fused_graph_ms=fused_ms,
+                       floor_ms=floor_ms, fused_vs_floor=fused_ms / floor_ms, fused_rel_diff=diff)  # fmt: skip
+            results.append(row)
+            print(
+                f"steps {steps} rows {rows:4d}: eager {eager_ms:7.1f} graph {plain_ms:6.2f} fused {fused_ms:6.2f} "
+                f"floor {floor_ms:5.2f} ms (fused/floor {fused_ms / floor_ms:4.1f}) rel diff {diff:.2e}",
+                flush=True,
+            )
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

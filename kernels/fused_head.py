@@ -1,0 +1,272 @@
+"""Fused flow-matching head step: Triton kernels, each next to the torch reference it is tested against.
+
+Per sampling step the head becomes: one GEMM for every block's adaLN modulation at once (they
+depend only on y = t_emb + cond_emb, never on x), then per residual block a LayerNorm+modulate
+kernel and two GEMMs whose epilogues fuse bias+SiLU and bias+gate*u+residual, then the final
+layer, then one kernel that combines the guidance branches, applies the sampler update and draws
+the step's noise in-kernel with the same Philox counters as model.noise.token_noise.
+
+Shapes: rows R = slots * B (slot-major: all images' cond rows, then their uncond rows, ...),
+D = head width, token_dim = 64.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.language.random import pair_uniform_to_normal, uint_to_uniform_float
+except ImportError:  # the references still work without triton
+    triton = None
+
+EPILOGUE_BIAS = 0
+EPILOGUE_BIAS_SILU = 1
+EPILOGUE_GATED_RESIDUAL = 2  # out = residual + gate * (x @ W^T + b)
+
+# ---------------------------------------------------------------------------------------------
+# torch references
+
+
+def linear_reference(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residual=None):
+    """x: [M, K]; weight: [N, K]; bias: [N]; gate, residual: [M, N] (strided views allowed) -> [M, N]."""
+    out = (x.float() @ weight.float().t() + bias.float())
+    if epilogue == EPILOGUE_BIAS_SILU:
+        out = F.silu(out)
+    elif epilogue == EPILOGUE_GATED_RESIDUAL:
+        out = residual.float() + gate.float() * out
+    return out.to(x.dtype)
+
+
+def ln_modulate_reference(h, shift, scale, weight=None, bias=None, eps=1e-6):
+    """LayerNorm(h) (affine when weight is given) * (1 + scale) + shift. h, shift, scale: [M, D] -> [M, D]."""
+    normed = F.layer_norm(h.float(), h.shape[-1:], None if weight is None else weight.float(),
+                          None if bias is None else bias.float(), eps)
+    return (normed * (1 + scale.float()) + shift.float()).to(h.dtype)
+
+
+def guided_update_reference(v, x, cfg, cfg_img, rescale, noise, a, b, c):
+    """Guidance combine, optional rescale and x_new = a x + b v_guided + c z, in float32.
+
+    v: [slots, B, D] (slots 2: cond, uncond; 3: cond, uncond_image, uncond_none); x, noise: [B, D];
+    cfg, cfg_img: [B]; rescale: bool [B]; a, b, c: floats. Returns [B, D] float32.
+    """
+    v = v.float()
+    if v.shape[0] == 2:
+        guided = v[1] + cfg[:, None] * (v[0] - v[1])
+    else:
+        guided = v[2] + cfg_img[:, None] * (v[1] - v[2]) + cfg[:, None] * (v[0] - v[1])
+    ratio = v[0].norm(dim=-1, keepdim=True) / (guided.norm(dim=-1, keepdim=True) + 1e-6)
+    guided = guided * torch.where(rescale[:, None], ratio.clamp(max=1.0), torch.ones_like(ratio))
+    return a * x.float() + b * guided + c * noise.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _linear_kernel(
+        x_ptr, w_ptr, b_ptr, out_ptr, gate_ptr, res_ptr,
+        M, N, K, stride_xm, stride_wn, stride_om, stride_gm, stride_rm,
+        EPILOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            xt = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+            wt = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0)
+            acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        if EPILOGUE == 1:
+            acc = acc / (1.0 + tl.exp(-acc))
+        if EPILOGUE == 2:
+            gate = tl.load(gate_ptr + rm[:, None] * stride_gm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+            res = tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+            acc = res + gate * acc
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _ln_modulate_kernel(
+        h_ptr, shift_ptr, scale_ptr, w_ptr, b_ptr, out_ptr, D, stride_h, stride_mod, stride_o, eps,
+        AFFINE: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_D)
+        mask = cols < D
+        h = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(h, axis=0) / D
+        centered = tl.where(mask, h - mean, 0.0)
+        var = tl.sum(centered * centered, axis=0) / D
+        normed = centered / tl.sqrt(var + eps)
+        if AFFINE:
+            normed = normed * tl.load(w_ptr + cols, mask=mask, other=1.0).to(tl.float32)
+            normed = normed + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + row * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + row * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
+        out = normed * (1.0 + scale) + shift
+        tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _guided_update_kernel(
+        v_ptr, x_ptr, out_ptr, cfg_ptr, cfg_img_ptr, rescale_ptr, seed_ptr, image_ptr, token_ptr,
+        B, step, a, b, c,
+        SLOTS: tl.constexpr, HAS_V: tl.constexpr, DIM: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0)
+        # the row's DIM numbers as a [DIM/4, 4] tile: element 4j+m is normal m of philox counter j
+        j = tl.arange(0, DIM // 4)
+        m = tl.arange(0, 4)
+        offs = j[:, None] * 4 + m[None, :]
+        seed = tl.load(seed_ptr + row)
+        token = (tl.load(token_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
+        image = (tl.load(image_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
+        c0 = j.to(tl.uint32)
+        i0, i1, i2, i3 = tl.philox(seed, c0, token + c0 * 0, (step + c0 * 0).to(tl.uint32), image + c0 * 0)
+        n0, n1 = pair_uniform_to_normal(uint_to_uniform_float(i0), uint_to_uniform_float(i1))
+        n2, n3 = pair_uniform_to_normal(uint_to_uniform_float(i2), uint_to_uniform_float(i3))
+        z = tl.where(m[None, :] == 0, n0[:, None], tl.where(m[None, :] == 1, n1[:, None],
+                     tl.where(m[None, :] == 2, n2[:, None], n3[:, None])))  # fmt: skip
+        if HAS_V:
+            x = tl.load(x_ptr + row * DIM + offs)
+            cond = tl.load(v_ptr + row * DIM + offs).to(tl.float32)
+            u1 = tl.load(v_ptr + (B + row) * DIM + offs).to(tl.float32)
+            cfg = tl.load(cfg_ptr + row)
+            if SLOTS == 2:
+                guided = u1 + cfg * (cond - u1)
+            else:
+                u2 = tl.load(v_ptr + (2 * B + row) * DIM + offs).to(tl.float32)
+                guided = u2 + tl.load(cfg_img_ptr + row) * (u1 - u2) + cfg * (cond - u1)
+            if tl.load(rescale_ptr + row) != 0:
+                cond_norm = tl.sqrt(tl.sum(tl.sum(cond * cond, axis=1), axis=0))
+                guided_norm = tl.sqrt(tl.sum(tl.sum(guided * guided, axis=1), axis=0))
+                guided = guided * tl.minimum(cond_norm / (guided_norm + 1e-6), 1.0)
+            new = a * x + b * guided + c * z
+        else:
+            new = c * z
+        tl.store(out_ptr + row * DIM + offs, new)
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatchers: Triton on CUDA (or under TRITON_INTERPRET=1 when forced), the references otherwise
+
+
+def _use_triton(t: torch.Tensor, force: bool | None) -> bool:
+    if force is not None:
+        return force and triton is not None
+    return triton is not None and t.is_cuda
+
+
+def linear(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residual=None, use_triton=None):
+    """See linear_reference; x, weight row-major with unit stride in the last dim."""
+    if not _use_triton(x, use_triton):
+        return linear_reference(x, weight, bias, epilogue, gate, residual)
+    m, k = x.shape
+    n = weight.shape[0]
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    block_m = 64 if m > 32 else (32 if m > 16 else 16)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, 64))
+    gate_t = gate if gate is not None else out
+    res_t = residual if residual is not None else out
+    _linear_kernel[grid](
+        x, weight, bias, out, gate_t, res_t, m, n, k,
+        x.stride(0), weight.stride(0), out.stride(0), gate_t.stride(0), res_t.stride(0),
+        EPILOGUE=epilogue, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32 stays float32 (no tf32 rounding)
+    )  # fmt: skip
+    return out
+
+
+def ln_modulate(h, shift, scale, weight=None, bias=None, eps=1e-6, use_triton=None):
+    """See ln_modulate_reference; shift and scale may be column slices of one modulation tensor."""
+    if not _use_triton(h, use_triton):
+        return ln_modulate_reference(h, shift, scale, weight, bias, eps)
+    rows, d = h.shape
+    out = torch.empty_like(h)
+    affine = weight is not None
+    _ln_modulate_kernel[(rows,)](
+        h, shift, scale, weight if affine else h, bias if affine else h, out, d,
+        h.stride(0), shift.stride(0), out.stride(0), eps,
+        AFFINE=affine, BLOCK_D=triton.next_power_of_2(d),
+    )  # fmt: skip
+    return out
+
+
+def guided_update(v, x, cfg, cfg_img, rescale, seed, image, token, step, a, b, c, use_triton=None):
+    """x_new = a x + b guided(v) + c z with z = token_noise(seed, image, token, step) drawn in-kernel.
+
+    v: [slots, B, D] or None (then x_new = c z: the initial noise); x: [B, D] float32; cfg, cfg_img:
+    float32 [B]; rescale: bool [B]; seed, image, token: int64 [B]. Returns float32 [B, D].
+    """
+    if not _use_triton(x, use_triton):
+        from model.noise import philox_normal4
+
+        blocks = torch.arange(x.shape[1] // 4, dtype=torch.int64, device=x.device)[None]
+        step_t = torch.full_like(token, step)
+        z = philox_normal4(blocks, token[:, None], step_t[:, None], image[:, None], seed[:, None]).reshape(x.shape)
+        if v is None:
+            return c * z
+        return guided_update_reference(v, x, cfg, cfg_img, rescale, z, a, b, c)
+    rows, dim = x.shape
+    out = torch.empty(rows, dim, device=x.device, dtype=torch.float32)
+    slots = v.shape[0] if v is not None else 2
+    _guided_update_kernel[(rows,)](
+        v if v is not None else x, x, out, cfg, cfg_img, rescale, seed, image, token,
+        rows, step, float(a), float(b), float(c),
+        SLOTS=slots, HAS_V=v is not None, DIM=dim,
+    )  # fmt: skip
+    return out
+
+
+class FusedHead:
+    """The head's weights arranged for the fused step (all adaLN projections in one matrix).
+
+    velocity(x_rows, t_emb, cond_emb) evaluates FlowMatchingNet like net(x, t, c), given the
+    step's time embedding [1, D] and the token's condition embedding [R, D] (both constant over
+    rows or over steps, so callers compute them once).
+    """
+
+    def __init__(self, net, use_triton: bool | None = None):
+        self.net = net
+        self.use_triton = use_triton
+        self.width = net.input_proj.weight.shape[0]
+        modulations = [block.adaLN_modulation[1] for block in net.res_blocks] + [net.final_layer.adaLN_modulation[1]]
+        self.mod_weight = torch.cat([m.weight for m in modulations]).contiguous()
+        self.mod_bias = torch.cat([m.bias for m in modulations]).contiguous()
+
+    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        """t: [S] -> [S, D] (t_emb of each step's time; the same for every row)."""
+        return self.net.time_embed(t)
+
+    def cond_embedding(self, c: torch.Tensor) -> torch.Tensor:
+        """c: [R, hidden] -> [R, D]."""
+        return self.net.cond_embed(c.to(self.mod_weight.dtype))
+
+    def velocity(self, x_rows: torch.Tensor, t_emb: torch.Tensor, cond_emb: torch.Tensor) -> torch.Tensor:
+        """x_rows: [R, token_dim] float32, t_emb: [1, D], cond_emb: [R, D] -> velocity [R, token_dim] float32."""
+        net, d, use = self.net, self.width, self.use_triton
+        dtype = self.mod_weight.dtype
+        y = F.silu(t_emb + cond_emb)
+        mod = linear(y, self.mod_weight, self.mod_bias, use_triton=use)
+        inp = net.input_proj
+        h = linear(x_rows.to(dtype), inp.weight, inp.bias, use_triton=use)
+        for j, block in enumerate(net.res_blocks):
+            base = 3 * d * j
+            shift, scale, gate = mod[:, base : base + d], mod[:, base + d : base + 2 * d], mod[:, base + 2 * d : base + 3 * d]
+            u = ln_modulate(h, shift, scale, block.in_ln.weight, block.in_ln.bias, use_triton=use)
+            u = linear(u, block.mlp[0].weight, block.mlp[0].bias, EPILOGUE_BIAS_SILU, use_triton=use)
+            h = linear(u, block.mlp[2].weight, block.mlp[2].bias, EPILOGUE_GATED_RESIDUAL, gate, h, use_triton=use)
+        base = 3 * d * len(net.res_blocks)
+        u = ln_modulate(h, mod[:, base : base + d], mod[:, base + d : base + 2 * d], use_triton=use)
+        out = net.final_layer.linear
+        return linear(u, out.weight, out.bias, use_triton=use).float()

@@ -1,0 +1,155 @@
+"""The fused head kernels against their torch references (Triton under TRITON_INTERPRET=1 on CPU),
+the references against the model's own head and samplers, and the fused engine against the reference."""
+
+import pytest
+import torch
+
+from kernels.fused_head import (
+    EPILOGUE_BIAS,
+    EPILOGUE_BIAS_SILU,
+    EPILOGUE_GATED_RESIDUAL,
+    FusedHead,
+    guided_update,
+    guided_update_reference,
+    linear,
+    linear_reference,
+    ln_modulate,
+    ln_modulate_reference,
+)
+from model.head import FlowMatchingHead
+from model.noise import token_noise
+from model.sampling import (
+    SamplingParams,
+    flow_cps_step,
+    flow_ode_step,
+    flow_sde_step,
+    legacy_final_step,
+    legacy_sde_step,
+    timesteps,
+    update_coefficients,
+)
+
+pytest.importorskip("triton")
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 40, 24), (37, 96, 72), (70, 130, 64)])
+@pytest.mark.parametrize("epilogue", [EPILOGUE_BIAS, EPILOGUE_BIAS_SILU, EPILOGUE_GATED_RESIDUAL])
+def test_linear_kernel_matches_reference(m, n, k, epilogue):
+    x, w, b = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
+    mod = torch.randn(m, 3 * n)
+    gate, residual = mod[:, n : 2 * n], torch.randn(m, n)  # gate is a strided column slice, as in the head
+    got = linear(x, w, b, epilogue, gate, residual, use_triton=True)
+    want = linear_reference(x, w, b, epilogue, gate, residual)
+    assert rel(got, want) < 1e-5
+
+
+def test_linear_reference_is_the_formula():
+    x, w, b = torch.randn(5, 8), torch.randn(6, 8), torch.randn(6)
+    gate, res = torch.randn(5, 6), torch.randn(5, 6)
+    torch.testing.assert_close(linear_reference(x, w, b), x @ w.t() + b)
+    torch.testing.assert_close(linear_reference(x, w, b, EPILOGUE_BIAS_SILU), torch.nn.functional.silu(x @ w.t() + b))
+    torch.testing.assert_close(linear_reference(x, w, b, EPILOGUE_GATED_RESIDUAL, gate, res), res + gate * (x @ w.t() + b))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("rows,d", [(1, 48), (9, 100)])
+def test_ln_modulate_kernel_matches_reference(affine, rows, d):
+    h = torch.randn(rows, d) * 3 + 1
+    mod = torch.randn(rows, 2 * d)
+    w, b = (torch.randn(d), torch.randn(d)) if affine else (None, None)
+    got = ln_modulate(h, mod[:, :d], mod[:, d:], w, b, use_triton=True)
+    assert rel(got, ln_modulate_reference(h, mod[:, :d], mod[:, d:], w, b)) < 1e-5
+
+
+def _counters(b):
+    return (torch.randint(0, 2**62, (b,)), torch.randint(0, 5, (b,)), torch.randint(0, 1000, (b,)))
+
+
+@pytest.mark.parametrize("slots", [2, 3])
+def test_guided_update_kernel_matches_reference_with_in_kernel_noise(slots):
+    b, d = 6, 64
+    v, x = torch.randn(slots, b, d), torch.randn(b, d)
+    cfg, cfg_img = torch.rand(b) * 7, torch.rand(b) * 3
+    rescale = torch.tensor([True, False] * (b // 2))
+    seed, image, token = _counters(b)
+    got = guided_update(v, x, cfg, cfg_img, rescale, seed, image, token, 7, 0.9, 0.3, 0.5, use_triton=True)
+    z = token_noise(seed, image, token, 7, d)
+    assert rel(got, guided_update_reference(v, x, cfg, cfg_img, rescale, z, 0.9, 0.3, 0.5)) < 1e-5
+
+
+def test_initial_noise_is_the_reference_token_noise():
+    b, d = 5, 64
+    seed, image, token = _counters(b)
+    ones = torch.ones(b)
+    got = guided_update(None, torch.zeros(b, d), ones, ones, ones.bool(), seed, image, token, 0, 0.0, 0.0, 1.0, use_triton=True)
+    assert rel(got, token_noise(seed, image, token, 0, d)) < 1e-6
+
+
+@pytest.mark.parametrize("sampler", ["legacy-sde", "sde", "cps", "ode"])
+@pytest.mark.parametrize("shift", [1.0, 3.2])
+def test_update_coefficients_reproduce_the_step_functions(sampler, shift):
+    params = SamplingParams(sampler=sampler, num_steps=5, timesteps_shift=shift, guidance_scale=1.0, use_norm=False)
+    grid = timesteps(params).tolist()
+    x, v, z = torch.randn(3, 64, dtype=torch.float64), torch.randn(3, 64, dtype=torch.float64), torch.randn(3, 64, dtype=torch.float64)
+    for i in range(5):
+        a, b, c = update_coefficients(params, i)
+        if sampler == "legacy-sde":
+            want = legacy_final_step(x, v) if i == 4 else legacy_sde_step(x, v, grid[i], grid[i + 1], z)
+        elif sampler == "ode":
+            want = flow_ode_step(x, v, grid[i], grid[i + 1])
+        elif sampler == "sde":
+            want = flow_sde_step(x, v, grid[i], grid[i + 1], z, sigma_max=grid[4])
+        else:
+            want = flow_cps_step(x, v, grid[i], grid[i + 1], z)
+        torch.testing.assert_close(a * x + b * v + c * z, want, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_velocity_matches_the_head_module():
+    torch.manual_seed(0)
+    head = FlowMatchingHead(token_dim=64, cond_dim=48, width=32, depth=3)
+    for p in head.parameters():
+        p.data.normal_(0, 0.3)
+    fused = FusedHead(head.net, use_triton=True)
+    x, c = torch.randn(7, 64), torch.randn(7, 48)
+    t = torch.tensor([0.37])
+    with torch.no_grad():
+        got = fused.velocity(x, fused.time_embedding(t), fused.cond_embedding(c))
+        want = head.velocity(x, 0.37, c)
+    assert rel(got, want) < 1e-5
+
+
+def test_fused_engine_matches_the_reference_generator():
+    from model.bundle import load_bundle
+    from server.engine.engine import BatchedEngine, EngineConfig
+    from server.engine.events import EngineRequest, ImageDone
+    from tests.test_engine import edit, t2i
+
+    bundle = load_bundle("tiny", seed=0)
+    generator = bundle.reference_generator()
+    specs = [
+        EngineRequest("cfg", t2i(n=2, rescale_guidance=True, seed=2, num_steps=3)),
+        EngineRequest("edit", edit("red", seed=3, num_steps=3)),
+        EngineRequest("sde", t2i(sampler="sde", use_norm=False, seed=4, num_steps=3)),
+    ]
+    tokens = {}
+    engine = BatchedEngine(bundle, lambda e: None, EngineConfig(static_head=True, fused_head=True))
+    accept = engine._accept_token
+
+    def record(image, token):
+        accept(image, token)
+        if image.done:
+            tokens[(image.request.request_id, image.index)] = torch.stack(image.tokens)
+
+    engine._accept_token = record
+    for spec in specs:
+        engine.add_request(spec)
+    while engine.has_work():
+        engine.step()
+    for spec in specs:
+        want = generator.generate(spec.request).tokens
+        for i in range(spec.request.n):
+            assert rel(tokens[(spec.request_id, i)], want[i]) < 1e-4, spec.request_id
