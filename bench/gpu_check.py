@@ -1,12 +1,10 @@
-"""GPU checks and timings in one process: paged attention kernels, the head loop, engine parity.
+"""GPU checks and timings in one process: paged attention kernels and engine parity (head: head_bench.py).
 
     python -m bench.gpu_check --json gpu_check.json
 
 1. Paged attention at the real shapes (40 query / 8 kv heads, head_dim 128, bf16): each backend
    against the reference on fresh random inputs (relative error), and its time.
-2. The head's N-step loop for one token at D=1536 x 12 layers, 50 steps, text guidance: eager vs
-   one CUDA graph, ms per token at several batch sizes, next to the floor from bytes and FLOPs.
-3. Engine vs reference generator on the GPU (tiny preset, float32 and bfloat16): largest token
+2. Engine vs reference generator on the GPU (tiny preset, float32 and bfloat16): largest token
    and pixel differences over a mixed batch.
 """
 
@@ -22,13 +20,10 @@ import torch
 
 from kernels.paged_attention import BACKENDS, paged_attention
 from model.bundle import load_bundle
-from model.head import FlowMatchingHead
-from model.presets import preset_config
 from model.reference import GenerationRequest
 from model.sampling import published_defaults
 from server.engine.engine import BatchedEngine, EngineConfig
 from server.engine.events import EngineRequest, ImageDone
-from server.engine.graphed_head import GraphKey, StaticBatch, sample_loop
 
 HBM_BYTES_PER_S = 4.3e12
 BF16_FLOPS = 790e12
@@ -93,47 +88,6 @@ def check_attention(results: dict) -> None:
     results["attention"] = out
 
 
-def check_head(results: dict, steps: int = 50) -> None:
-    config = preset_config("nextstep-1-large")
-    width, depth = config.fm_head_dim, config.fm_head_layers
-
-    class HeadOnly(torch.nn.Module):
-        """What sample_loop needs of a model: the head, the config, device and dtype."""
-
-        def __init__(self):
-            super().__init__()
-            self.config = config
-            self.image_head = FlowMatchingHead(config.token_dim, config.hidden_size, width, depth)
-            self.device, self.dtype = torch.device("cuda"), torch.bfloat16
-
-    model = HeadOnly().to("cuda", torch.bfloat16)
-    for p in model.parameters():
-        p.data.normal_(0, 0.02)
-    head_params = sum(p.numel() for p in model.image_head.parameters())
-    out = {}
-    for images in (1, 64, 128, 256):
-        key = GraphKey("legacy-sde", steps, 1.0, 2, False, images)
-        batch = StaticBatch(key, model)
-        batch.conditions.normal_()
-        batch.cfg.fill_(7.5)
-        batch.seed.copy_(torch.arange(images, device="cuda")[:, None])
-        eager_ms = timed(lambda: sample_loop(model, key, batch), repeat=3)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            sample_loop(model, key, batch)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            sample_loop(model, key, batch)
-        graph_ms = timed(graph.replay)
-        rows = 2 * images
-        floor_ms = 1e3 * steps * max(2 * head_params / HBM_BYTES_PER_S, 2 * head_params * rows / BF16_FLOPS)
-        out[images] = {"eager_ms": eager_ms, "graph_ms": graph_ms, "floor_ms": floor_ms}
-        print(f"head {images:4d} images: eager {eager_ms:7.1f} ms graph {graph_ms:6.1f} ms floor {floor_ms:5.1f} ms", flush=True)
-    results["head_per_token"] = out
-
-
 def check_engine_parity(results: dict) -> None:
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
@@ -171,11 +125,11 @@ def check_engine_parity(results: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json")
-    p.add_argument("--skip", nargs="*", default=[], choices=["attention", "head", "parity"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["attention", "parity"])
     args = p.parse_args()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     started = time.time()
-    for name, fn in (("attention", check_attention), ("head", check_head), ("parity", check_engine_parity)):
+    for name, fn in (("attention", check_attention), ("parity", check_engine_parity)):
         if name not in args.skip:
             try:
                 fn(results)

@@ -166,10 +166,10 @@ def test_full_size_and_non_square_images_equal_the_reference(bundle, reference):
     assert_all_blocks_free(engine)
 
 
-def test_static_shaped_head_loop_equals_the_reference(bundle, reference):
-    """The graph-ready head loop (run eagerly on CPU) gives the reference's images too."""
+def test_every_guidance_mode_equals_the_reference(bundle, reference):
+    """One batch mixing unguided, guided with rescale and a linear schedule, 3-branch edits and ode."""
     events = Collector()
-    engine = BatchedEngine(bundle, events, EngineConfig(static_head=True))
+    engine = BatchedEngine(bundle, events)
     specs = [
         EngineRequest("plain", t2i(guidance_scale=1.0, seed=1)),
         EngineRequest("cfg", t2i(n=2, rescale_guidance=True, guidance_schedule="linear", seed=2)),

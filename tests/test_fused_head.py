@@ -136,7 +136,7 @@ def test_fused_engine_matches_the_reference_generator():
         EngineRequest("sde", t2i(sampler="sde", use_norm=False, seed=4, num_steps=3)),
     ]
     tokens = {}
-    engine = BatchedEngine(bundle, lambda e: None, EngineConfig(static_head=True, fused_head=True))
+    engine = BatchedEngine(bundle, lambda e: None, EngineConfig(fused_head=True))
     accept = engine._accept_token
 
     def record(image, token):

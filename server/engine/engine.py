@@ -28,10 +28,9 @@ from .events import (
     preview_points,
 )
 from .graphed_head import GraphedHeadSampler
-from .head_sampler import HeadSampler
 from .model_runner import ModelRunner
 from .scheduler import Scheduler, SchedulerConfig
-from .sequence import BranchSequence, ImageState, ImageStatus, RequestState
+from .sequence import BranchSequence, ImageState, RequestState
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,6 @@ class EngineConfig:
     max_running_images: int = 256
     max_batched_tokens: int = 2048
     attention_backend: str | None = None  # None: automatic (reference on CPU)
-    static_head: bool | None = None  # static-shaped head loop (CUDA graphs on GPU); None: on GPU only
     fused_head: bool | None = None  # Triton-fused head step inside that loop; None: on GPU only
     time_phases: bool = True  # synchronize the GPU after each phase so StepTimings splits time exactly
 
@@ -79,10 +77,7 @@ class BatchedEngine:
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(SchedulerConfig(config.max_running_images, config.max_batched_tokens), self.blocks)
         self.runner = ModelRunner(bundle, num_blocks, config.block_size, config.attention_backend)
-        static_head = bundle.model.device.type == "cuda" if config.static_head is None else config.static_head
-        self.head = (
-            GraphedHeadSampler(bundle.model, fused=config.fused_head) if static_head else HeadSampler(bundle.model)
-        )
+        self.head = GraphedHeadSampler(bundle.model, fused=config.fused_head)
         self.generator = self.runner.generator
         self.requests: dict[str, RequestState] = {}
         self.timings = StepTimings()
@@ -217,7 +212,3 @@ class BatchedEngine:
     def _sync(self) -> None:
         if self.config.time_phases and self.bundle.model.device.type == "cuda":
             torch.cuda.synchronize()
-
-    def image_status(self, request_id: str) -> list[ImageStatus]:
-        state = self.requests.get(request_id)
-        return [i.status for i in state.images] if state else []

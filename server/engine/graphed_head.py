@@ -1,4 +1,8 @@
-"""Head sampling for many images as one static-shaped program, captured as a CUDA graph on GPU.
+"""Batched head sampling: the next token of many images as one static-shaped program.
+
+On GPU the whole N-step loop for a batch is captured once per key as a CUDA graph and replayed
+(with the Triton-fused head step inside); on CPU the same loop runs eagerly and gives the
+reference generator's tokens bit for bit.
 
 All N head steps of a token for a batch of images run as one graph replay per
 (sampler, steps, shift, guidance slots, bucket size). Everything an image may vary is an input
@@ -155,7 +159,7 @@ def bucket_for(rows: int) -> int:
 
 
 class GraphedHeadSampler:
-    """Drop-in for HeadSampler; on CUDA each key's loop is captured once and replayed."""
+    """sample(images) -> the next token of each image; on CUDA each key's loop is a replayed graph."""
 
     def __init__(self, model: NextStepModel, use_graphs: bool | None = None, fused: bool | None = None):
         self.model = model
