@@ -16,6 +16,7 @@ import json
 import torch
 
 from bench.gpu_check import BF16_FLOPS, HBM_BYTES_PER_S, timed
+from kernels import fused_head
 from kernels.fused_head import FusedHead
 from model.head import FlowMatchingHead
 from model.presets import preset_config
@@ -47,10 +48,39 @@ def graphed(fn):
     return graph, out
 
 
+SWEEP = [
+    {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 5},
+]
+
+
+def sweep(fused, key, batch, t_emb) -> list[dict]:
+    """The fused loop's graph time under each GEMM config."""
+    original = dict(fused_head.LINEAR_CONFIG)
+    out = []
+    try:
+        for config in SWEEP:
+            fused_head.LINEAR_CONFIG.clear()
+            fused_head.LINEAR_CONFIG.update(config)
+            with torch.inference_mode():
+                graph, _ = graphed(lambda: fused_sample_loop(fused, key, batch, t_emb))
+                ms = timed(graph.replay)
+            out.append(dict(config, ms=ms))
+            print(f"    {config}: {ms:.2f} ms", flush=True)
+    finally:
+        fused_head.LINEAR_CONFIG.clear()
+        fused_head.LINEAR_CONFIG.update(original)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="+", default=[2, 16, 64, 128, 256, 512])
     p.add_argument("--steps", type=int, nargs="+", default=[28, 50])
+    p.add_argument("--sweep", action="store_true", help="also time GEMM tile configs of the fused loop")
     p.add_argument("--json")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -88,6 +118,8 @@ def main() -> None:
                 f"floor {floor_ms:5.2f} ms (fused/floor {fused_ms / floor_ms:4.1f}) rel diff {diff:.2e}",
                 flush=True,
             )
+            if args.sweep:
+                row["sweep"] = sweep(fused, key, batch, t_emb)
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(results, f, indent=2)

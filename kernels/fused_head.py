@@ -22,6 +22,9 @@ try:
 except ImportError:  # the references still work without triton
     triton = None
 
+# tile and pipeline of the GEMM kernel; bench/head_bench.py --sweep times alternatives
+LINEAR_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+
 EPILOGUE_BIAS = 0
 EPILOGUE_BIAS_SILU = 1
 EPILOGUE_GATED_RESIDUAL = 2  # out = residual + gate * (x @ W^T + b)
@@ -175,14 +178,16 @@ def linear(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residual=None, us
     n = weight.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     block_m = 64 if m > 32 else (32 if m > 16 else 16)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, 64))
+    config = LINEAR_CONFIG
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, config["BLOCK_N"]))
     gate_t = gate if gate is not None else out
     res_t = residual if residual is not None else out
     _linear_kernel[grid](
         x, weight, bias, out, gate_t, res_t, m, n, k,
         x.stride(0), weight.stride(0), out.stride(0), gate_t.stride(0), res_t.stride(0),
-        EPILOGUE=epilogue, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64,
+        EPILOGUE=epilogue, BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32 stays float32 (no tf32 rounding)
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
     return out
 
