@@ -22,8 +22,11 @@ try:
 except ImportError:  # the references still work without triton
     triton = None
 
-# tile and pipeline of the GEMM kernel; bench/head_bench.py --sweep times alternatives
-LINEAR_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+# tile and pipeline of the GEMM kernel by row count (the best of bench/head_bench.py --sweep on an
+# H200, bench/results/head_sweep_h200_2026-11-29.json); LINEAR_CONFIG, when set, overrides both
+SMALL_M_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
+LARGE_M_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 5}
+LINEAR_CONFIG: dict = {}
 
 EPILOGUE_BIAS = 0
 EPILOGUE_BIAS_SILU = 1
@@ -178,7 +181,7 @@ def linear(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residual=None, us
     n = weight.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     block_m = 64 if m > 32 else (32 if m > 16 else 16)
-    config = LINEAR_CONFIG
+    config = LINEAR_CONFIG or (SMALL_M_CONFIG if m <= 64 else LARGE_M_CONFIG)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, config["BLOCK_N"]))
     gate_t = gate if gate is not None else out
     res_t = residual if residual is not None else out
