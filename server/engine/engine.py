@@ -14,7 +14,6 @@ import torch
 
 from model.bundle import ModelBundle
 from model.reference import token_grid, validate_request
-from model.sampling import branch_count
 
 from .block_manager import BlockManager
 from .events import (
@@ -106,6 +105,9 @@ class BatchedEngine:
         longest = max(len(p.token_ids) for p in prompts) + num_tokens
         if longest > self.bundle.config.max_position_embeddings:
             raise ValueError("prompt plus image tokens exceed the model's max_position_embeddings")
+        gen_pos_embed = self.bundle.model.gen_pos_embed
+        if gen_pos_embed is not None and num_tokens > gen_pos_embed.shape[1]:
+            raise ValueError(f"{num_tokens} image tokens exceed the model's {gen_pos_embed.shape[1]} image positions")
         blocks_needed = sum(self.blocks.blocks_for(len(p.token_ids) + num_tokens) for p in prompts)
         if blocks_needed > self.blocks.num_blocks:
             raise ValueError(
@@ -119,7 +121,6 @@ class BatchedEngine:
         state = RequestState(spec, grid_h, grid_w, prompts, input_tokens, digest, arrival=self._arrivals)
         self._arrivals += 1
         state.images = [ImageState(state, i, [BranchSequence(p) for p in prompts]) for i in range(request.n)]
-        assert len(prompts) == branch_count(request.params, request.image is not None)
         return state
 
     def abort(self, request_id: str) -> None:
