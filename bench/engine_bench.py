@@ -21,6 +21,7 @@ from dataclasses import replace
 
 import torch
 
+from kernels import fused_head
 from model.bundle import load_bundle
 from model.generate import DTYPES, parse_size
 from model.reference import GenerationRequest
@@ -138,8 +139,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kv-cache-gb", type=float, default=0, help="0: what the device has free")
     p.add_argument("--max-batched-tokens", type=int, default=4096)
     p.add_argument("--overlap", action="store_true", help="no GPU sync between phases (no time breakdown)")
+    p.add_argument("--modulation-gemm", choices=fused_head.MODULATION_GEMMS, default=fused_head.MODULATION_GEMM,
+                   help="backend of the fused head's adaLN GEMM")  # fmt: skip
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    fused_head.MODULATION_GEMM = args.modulation_gemm
 
     bundle = load_bundle(args.model, device=args.device, dtype=DTYPES[args.dtype])
     args.family = bundle.config.family

@@ -54,6 +54,8 @@ SWEEP = [
     {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
     {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
     {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 5},
+    {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3},
 ]
 
 
@@ -79,6 +81,10 @@ def main() -> None:
     p.add_argument("--rows", type=int, nargs="+", default=[2, 16, 64, 128, 256, 512])
     p.add_argument("--steps", type=int, nargs="+", default=[28, 50])
     p.add_argument("--sweep", action="store_true", help="also time GEMM tile configs of the fused loop")
+    p.add_argument(
+        "--modulation", choices=fused_head.MODULATION_GEMMS, nargs="+", default=["triton"],
+        help="adaLN GEMM backends to time the fused loop with (the first also runs the sweep)",
+    )  # fmt: skip
     p.add_argument("--json")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -101,19 +107,28 @@ def main() -> None:
                 t_emb = fused.time_embedding(grid)
                 eager_ms = timed(lambda: sample_loop(model, key, batch), repeat=1)
                 plain_graph, plain_out = graphed(lambda: sample_loop(model, key, batch))
-                fused_graph, fused_out = graphed(lambda: fused_sample_loop(fused, key, batch, t_emb))
-                plain_ms, fused_ms = timed(plain_graph.replay), timed(fused_graph.replay)
-                plain_graph.replay()
-                fused_graph.replay()
-                torch.cuda.synchronize()
-                diff = ((fused_out - plain_out).norm() / plain_out.norm()).item()
+                plain_ms = timed(plain_graph.replay)
+                by_modulation = {}
+                for backend in args.modulation:
+                    fused_head.MODULATION_GEMM = backend
+                    fused_graph, fused_out = graphed(lambda: fused_sample_loop(fused, key, batch, t_emb))
+                    ms = timed(fused_graph.replay)
+                    plain_graph.replay()
+                    fused_graph.replay()
+                    torch.cuda.synchronize()
+                    by_modulation[backend] = (ms, ((fused_out - plain_out).norm() / plain_out.norm()).item())
+                fused_head.MODULATION_GEMM = args.modulation[0]
+                fused_ms, diff = by_modulation[args.modulation[0]]
             floor_ms = 1e3 * steps * max(2 * params / HBM_BYTES_PER_S, 2 * params * rows / BF16_FLOPS)
             row = dict(steps=steps, rows=rows, eager_ms=eager_ms, graph_ms=plain_ms, fused_graph_ms=fused_ms,
-                       floor_ms=floor_ms, fused_vs_floor=fused_ms / floor_ms, fused_rel_diff=diff)  # fmt: skip
+                       floor_ms=floor_ms, fused_vs_floor=fused_ms / floor_ms, fused_rel_diff=diff,
+                       modulation=args.modulation[0],
+                       fused_graph_ms_by_modulation={b: v[0] for b, v in by_modulation.items()})  # fmt: skip
             results.append(row)
             print(
                 f"steps {steps} rows {rows:4d}: eager {eager_ms:7.1f} graph {plain_ms:6.2f} fused {fused_ms:6.2f} "
-                f"floor {floor_ms:5.2f} ms (fused/floor {fused_ms / floor_ms:4.1f}) rel diff {diff:.2e}",
+                f"floor {floor_ms:5.2f} ms (fused/floor {fused_ms / floor_ms:4.1f}) rel diff {diff:.2e} "
+                f"by adaLN GEMM {({b: round(v[0], 2) for b, v in by_modulation.items()})}",
                 flush=True,
             )
             if args.sweep:

@@ -1,7 +1,8 @@
 """Everything one model needs to render: weights, tokenizer and VAE, from a directory or a preset.
 
 A directory is a published checkpoint (see `checkpoint.py`); its VAE comes from `--vae`, else the
-config's `vae_name_or_path` relative to the directory, else `DIR/vae`. A preset name builds random
+config's `vae_name_or_path` relative to the directory, else `DIR/vae`; its default sampling settings
+from `sampling_defaults.py`. A preset name builds random
 weights with the preset's shape, a tiny tokenizer and a random tiny VAE (benchmarks and tests).
 """
 
@@ -18,6 +19,7 @@ from .config import NextStepConfig
 from .nextstep import NextStepModel
 from .presets import PRESETS, preset_config, random_model
 from .reference import ReferenceGenerator
+from .sampling_defaults import SamplingDefaults
 from .tokenizer import TextTokenizer, write_tiny_tokenizer
 from .vae import TINY_VAE_CONFIG, AutoencoderKL, VAEConfig, load_vae, random_vae
 
@@ -28,6 +30,7 @@ class ModelBundle:
     tokenizer: TextTokenizer
     vae: AutoencoderKL
     vae_config: VAEConfig
+    sampling_defaults: SamplingDefaults
 
     @property
     def config(self) -> NextStepConfig:
@@ -64,7 +67,8 @@ def load_bundle(
     tokenizer = TextTokenizer.from_dir(model_dir)
     tokenizer.check_special_ids(net.config)
     vae_model, vae_config = load_vae(resolve_vae_dir(model_dir, net.config, vae), net.config.family, device, dtype)
-    return ModelBundle(net, tokenizer, vae_model, vae_config)
+    defaults = SamplingDefaults.from_dir(model_dir, net.config.family)
+    return ModelBundle(net, tokenizer, vae_model, vae_config, defaults)
 
 
 def _preset_bundle(name: str, vae: str | Path | None, device, dtype, seed: int) -> ModelBundle:
@@ -78,4 +82,4 @@ def _preset_bundle(name: str, vae: str | Path | None, device, dtype, seed: int) 
     else:
         vae_config = TINY_VAE_CONFIG
         vae_model = random_vae(vae_config, seed=seed).to(device=device, dtype=dtype).eval()
-    return ModelBundle(net, tokenizer, vae_model, vae_config)
+    return ModelBundle(net, tokenizer, vae_model, vae_config, SamplingDefaults(config.family))

@@ -22,7 +22,7 @@ from PIL import Image
 
 from .bundle import load_bundle
 from .reference import GenerationRequest, with_overrides
-from .sampling import GUIDANCE_SCHEDULES, SAMPLERS, published_defaults
+from .sampling import GUIDANCE_SCHEDULES, SAMPLERS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bundle = load_bundle(args.model, args.vae, device=args.device, dtype=DTYPES[args.dtype])
         params = with_overrides(
-            published_defaults(bundle.config.family, edit=args.image is not None),
+            bundle.sampling_defaults.params(edit=args.image is not None),
             num_steps=args.steps,
             guidance_scale=args.guidance_scale,
             image_guidance_scale=args.image_guidance_scale,

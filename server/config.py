@@ -10,8 +10,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-# The model served when neither --model nor --preset is given; becomes the demo model when it lands.
-DEFAULT_MODEL = "tiny"
+from model.demo import WEIGHTS_DIR
+
+# The model served when neither --model nor --preset is given: the demo trained on coloured shapes
+# (model/demo/, 64x64 pictures), committed in the published layout.
+DEFAULT_MODEL = str(WEIGHTS_DIR)
 
 ROLES = ("both", "api", "worker")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -43,7 +46,7 @@ class Settings:
     max_pixels: int = 1024 * 1024
     max_n: int = 10
     max_steps: int = 250
-    default_size: str = "512x512"
+    default_size: str | None = None  # None: the model's native size (base_image_grid_size tokens a side)
     max_queued_jobs: int = 256
     retry_after_s: int = 2
     request_timeout_s: float = 600.0
@@ -93,7 +96,7 @@ _OPTIONS: tuple[tuple[str, str, type, str], ...] = (
     ("--max-pixels", "max_pixels", int, "largest output image, width x height"),
     ("--max-n", "max_n", int, "most images per request (1-10)"),
     ("--max-steps", "max_steps", int, "most num_inference_steps a request may ask for"),
-    ("--default-size", "default_size", str, "size used for size=auto or no size"),
+    ("--default-size", "default_size", str, "size used for size=auto or no size (default: the model's native size)"),
     ("--max-queued-jobs", "max_queued_jobs", int, "jobs accepted but not finished before answering 429"),
     ("--retry-after", "retry_after_s", int, "Retry-After seconds sent with 429"),
     ("--request-timeout", "request_timeout_s", float, "seconds before a request is cancelled and answered 504"),

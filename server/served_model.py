@@ -15,6 +15,7 @@ import torch
 from model.bundle import ModelBundle, load_bundle
 from model.config import NextStepConfig
 from model.presets import PRESETS, preset_config
+from model.sampling_defaults import SamplingDefaults
 from model.tokenizer import TextTokenizer, write_tiny_tokenizer
 
 from .config import Settings
@@ -27,6 +28,7 @@ class ServedModel:
     model_id: str
     config: NextStepConfig
     tokenizer: TextTokenizer
+    sampling_defaults: SamplingDefaults
 
 
 def is_preset(model: str) -> bool:
@@ -47,11 +49,13 @@ def load_served_model(settings: Settings) -> ServedModel:
         with tempfile.TemporaryDirectory(prefix="nextstep-tokenizer-") as tmp:
             write_tiny_tokenizer(Path(tmp), config)
             tokenizer = TextTokenizer.from_dir(Path(tmp))
+        defaults = SamplingDefaults(config.family)
     else:
         directory = Path(settings.model)
         config = NextStepConfig.from_file(directory / "config.json")
         tokenizer = TextTokenizer.from_dir(directory)
-    return ServedModel(model_id(settings), config, tokenizer)
+        defaults = SamplingDefaults.from_dir(directory, config.family)
+    return ServedModel(model_id(settings), config, tokenizer, defaults)
 
 
 def load_model_bundle(settings: Settings) -> ModelBundle:

@@ -16,9 +16,11 @@ import time
 import uuid
 from dataclasses import asdict
 
+from model.config import NextStepConfig
 from model.prompts import IMAGE_MARKER, PromptError, build_prompt_branches
 from model.reference import with_overrides
-from model.sampling import SamplingError, SamplingParams, branch_count, published_defaults
+from model.sampling import SamplingError, SamplingParams, branch_count
+from model.sampling_defaults import SamplingDefaults
 
 from .config import Settings
 from .errors import ApiError, bad_request
@@ -41,9 +43,16 @@ _PARAM_NAMES = {
 }
 
 
-def parse_size(size: str | None, settings: Settings, downsample: int) -> tuple[int, int]:
+def native_size(config: NextStepConfig) -> str:
+    """The size a model was trained at: base_image_grid_size tokens a side (512x512 for NextStep-1-Large)."""
+    side = config.base_image_grid_size * config.downsample
+    return f"{side}x{side}"
+
+
+def parse_size(size: str | None, settings: Settings, config: NextStepConfig) -> tuple[int, int]:
     """'WxH' or 'auto' -> (width, height): multiples of the model's token size, at most max_pixels."""
-    text = settings.default_size if size in (None, "auto") else size
+    downsample = config.downsample
+    text = (settings.default_size or native_size(config)) if size in (None, "auto") else size
     match = _SIZE.match(text)
     if match is None:
         raise bad_request(f"size must be 'auto' or WIDTHxHEIGHT like '512x512'; got {size!r}", "size")
@@ -60,9 +69,9 @@ def quality_steps(published_steps: int, quality: str | None, min_steps: int) -> 
     return max(min_steps, round(published_steps * fraction))
 
 
-def sampling_params(request: ImageRequest, settings: Settings, family: str, edit: bool) -> SamplingParams:
+def sampling_params(request: ImageRequest, settings: Settings, model_defaults: SamplingDefaults, edit: bool) -> SamplingParams:
     try:
-        defaults = published_defaults(family, edit)
+        defaults = model_defaults.params(edit)
     except SamplingError as err:
         raise bad_request(str(err), "image", "unsupported_operation") from err
     steps = request.num_inference_steps or quality_steps(
@@ -122,9 +131,9 @@ def build_job(request: ImageRequest, served: ServedModel, settings: Settings, im
     n = request.n or 1
     if n > settings.max_n:
         raise bad_request(f"n must be at most {settings.max_n} on this server; got {n}", "n")
-    width, height = parse_size(request.size, settings, config.downsample)
+    width, height = parse_size(request.size, settings, config)
     edit = image is not None
-    params = sampling_params(request, settings, config.family, edit)
+    params = sampling_params(request, settings, served.sampling_defaults, edit)
     prompt = request.prompt
     if edit and IMAGE_MARKER not in prompt:
         prompt = IMAGE_MARKER + prompt

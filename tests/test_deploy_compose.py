@@ -21,6 +21,7 @@ SET_BY_COMPOSE = {"NEXTSTEP_HOST", "NEXTSTEP_PORT", "NEXTSTEP_ROLE", "NEXTSTEP_R
 # .env.example lines that show an example value, not the default
 EXAMPLE_VALUES = {
     "NEXTSTEP_MODEL",
+    "NEXTSTEP_DEFAULT_SIZE",
     "NEXTSTEP_VAE",
     "NEXTSTEP_SERVED_MODEL_NAME",
     "NEXTSTEP_API_KEYS",

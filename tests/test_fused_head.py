@@ -4,6 +4,7 @@ the references against the model's own head and samplers, and the fused engine a
 import pytest
 import torch
 
+from kernels import fused_head
 from kernels.fused_head import (
     EPILOGUE_BIAS,
     EPILOGUE_BIAS_SILU,
@@ -108,7 +109,9 @@ def test_update_coefficients_reproduce_the_step_functions(sampler, shift):
         torch.testing.assert_close(a * x + b * v + c * z, want, rtol=1e-12, atol=1e-12)
 
 
-def test_fused_velocity_matches_the_head_module():
+@pytest.mark.parametrize("modulation_gemm", fused_head.MODULATION_GEMMS)
+def test_fused_velocity_matches_the_head_module(modulation_gemm, monkeypatch):
+    monkeypatch.setattr(fused_head, "MODULATION_GEMM", modulation_gemm)
     torch.manual_seed(0)
     head = FlowMatchingHead(token_dim=64, cond_dim=48, width=32, depth=3)
     for p in head.parameters():

@@ -7,6 +7,9 @@ import sys
 
 import pytest
 
+from model.demo.train import demo_config
+from model.presets import preset_config
+
 from server.config import DEFAULT_MODEL, Settings, SettingsError, settings_from_args
 from server.validation import parse_size
 
@@ -50,8 +53,11 @@ def test_unusable_settings_are_refused(argv, environ):
         settings_from_args(argv, environ=environ)
 
 
-def test_size_auto_is_512x512_by_default():
-    assert parse_size("auto", Settings(), 16) == (512, 512) == parse_size(None, Settings(), 16)
+def test_size_auto_is_the_models_native_size_unless_configured():
+    large, demo = preset_config("nextstep-1-large"), demo_config()
+    assert parse_size("auto", Settings(), large) == (512, 512) == parse_size(None, Settings(), large)
+    assert parse_size("auto", Settings(), demo) == (64, 64) == parse_size(None, Settings(), demo)
+    assert parse_size(None, Settings(default_size="128x96"), demo) == (128, 96)
 
 
 def test_help_documents_every_flag_and_its_variable():

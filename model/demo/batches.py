@@ -8,7 +8,7 @@ else at the position holding token k-1. Sequences are right-padded: attention is
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -22,6 +22,9 @@ class Batch:
     image_values: torch.Tensor  # [B, T, token_dim]: the image token at those positions, 0 elsewhere
     condition_positions: torch.Tensor  # [B, N] int64: position whose hidden state conditions output token k
     targets: torch.Tensor  # [B, N, token_dim]: output image tokens
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
 def collate(

@@ -22,8 +22,8 @@ from dataclasses import dataclass, replace
 from PIL import Image
 
 from model.bundle import ModelBundle, load_bundle
+from model.prompts import IMAGE_MARKER
 from model.reference import GenerationRequest
-from model.sampling import published_defaults
 
 from . import WEIGHTS_DIR
 from .checker import ATTRIBUTES, read_image, score
@@ -38,13 +38,15 @@ Renderer = Callable[[str, Image.Image | None, int, float | None], Image.Image]
 
 
 def reference_renderer(bundle: ModelBundle) -> Renderer:
-    """Render with the in-process reference generator and the model's published defaults."""
+    """Render with the in-process reference generator and the model's default sampling settings."""
     generator = bundle.reference_generator()
 
     def render_one(prompt: str, image: Image.Image | None, seed: int, guidance: float | None) -> Image.Image:
-        params = published_defaults(bundle.config.family, edit=image is not None)
+        params = bundle.sampling_defaults.params(edit=image is not None)
         if guidance is not None:
             params = replace(params, guidance_scale=guidance, image_guidance_scale=guidance)
+        if image is not None and IMAGE_MARKER not in prompt:
+            prompt = IMAGE_MARKER + prompt  # as the server does for an edit
         request = GenerationRequest(prompt=prompt, width=IMAGE_SIZE, height=IMAGE_SIZE, params=params, seed=seed, image=image)
         return generator.generate(request).to_pil()[0]
 
@@ -134,6 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts", type=int, default=100, help="held-out text-to-image prompts")
     parser.add_argument("--edits", type=int, default=50, help="held-out edits")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (in-process only)")
+    parser.add_argument(
+        "--guidance", type=float, action="append", help="guidance scale compared with the default (repeatable; default 1.0)"
+    )
     args = parser.parse_args(argv)
 
     if args.url:
@@ -143,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(args.threads)
         renderer = reference_renderer(load_bundle(args.model))
-    settings = {"default": None, "guidance 1.0": 1.0}
+    settings = {"default": None, **{f"guidance {g:g}": g for g in args.guidance or [1.0]}}
     for title, cases in (("text-to-image", text_to_image_cases(args.prompts)), ("edits", edit_cases(args.edits))):
         if not cases:
             continue

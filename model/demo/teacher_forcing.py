@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model.layers import Linear
 from model.nextstep import NextStepModel
@@ -56,7 +57,8 @@ def teacher_forced_hidden(model: NextStepModel, embeds: torch.Tensor) -> torch.T
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
             group = heads // kv_heads
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            with sdpa_kernel(SDPBackend.MATH):  # the one backend whose backward is deterministic on GPU
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             x = x + attn.o_proj(out.transpose(1, 2).reshape(b, t, heads * head_dim))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return model.norm(x)
@@ -79,11 +81,12 @@ def flow_matching_loss(
 
     conditions: [M, hidden] head conditions c; targets: [M, token_dim] clean tokens x1. Each target is
     noised `repeats` times (t ~ U(0, 1), x0 ~ N(0, I)): the head is cheap next to the decoder pass.
+    `generator` may live on any device; the draws are moved to the targets' device.
     """
     c = conditions.repeat(repeats, 1)
     x1 = targets.repeat(repeats, 1)
-    t = torch.rand(x1.shape[0], generator=generator)
-    x0 = torch.randn(x1.shape, generator=generator)
+    t = torch.rand(x1.shape[0], generator=generator, device=generator.device).to(x1.device)
+    x0 = torch.randn(x1.shape, generator=generator, device=generator.device).to(x1.device)
     xt = t[:, None] * x1 + (1 - t[:, None]) * x0
     with plain_linears(model):
         velocity = model.image_head.net(xt, t, c)
