@@ -48,7 +48,9 @@ def test_client_that_disconnects_cancels_its_job(start_server):
         thread, responses = in_background(live.url, SLOW)
         wait_until(lambda: metric(live.url, "nextstep:queue_depth") == 1, what="the slow job to be queued")
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{live.url}/v1/images/generations", json=dict(SLOW, prompt="abandoned"), timeout=0.3)
+            # 200 steps (~5 s): far longer than the server takes to notice, even on a loaded machine
+            abandoned = dict(SLOW, prompt="abandoned", num_inference_steps=200)
+            httpx.post(f"{live.url}/v1/images/generations", json=abandoned, timeout=0.3)
         wait_until(
             lambda: metric(live.url, "nextstep:request_cancellations_total", reason="client_disconnect") == 1,
             what="the server to notice the disconnect",

@@ -4,7 +4,7 @@
     python -m model.demo.evaluate --url http://127.0.0.1:8000  # through a running server's HTTP API
 
 Prompts are held-out caption combinations and held-out edits (never seen in training, see
-dataset.py), rendered at 64x64 with the model's published sampling defaults, once as they are and
+dataset.py), rendered at 64x64 with the model's default sampling settings, once as they are and
 once with guidance 1.0 (no guidance; for edits both text and image guidance 1.0). The checker reads
 each picture back; an attribute counts per expected object (colour, shape, position) or per picture
 (background, count); "all" means the whole picture is right. For edits the expected picture is the

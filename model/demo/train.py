@@ -1,7 +1,10 @@
 """Train the demo model from scratch and write it in the published checkpoint layout.
 
-    python -m model.demo.train --device cuda         # the committed weights: minutes on one GPU
-    python -m model.demo.train --out /tmp/demo --vae-steps 50 --steps 50   # a quick smoke run (CPU)
+    python -m model.demo.train --vae-only --out /tmp/demo          # the VAE: ~25 minutes, one CPU thread
+    python -m model.demo.train --device cuda --workers 5 --vae /tmp/demo/vae --out /tmp/demo   # ~8 min, H200
+    python -m model.demo.train --out /tmp/smoke --vae-steps 50 --steps 50   # a quick smoke run (CPU)
+
+The committed weights (nextstep-demo/) came from the first two commands.
 
 1. VAE: a small FLUX-style AutoencoderKL (f8, 16 latent channels) learns to reconstruct freshly
    drawn scenes: MSE of decoding layer-normalised 2x2 latent patches (encoder_norm, psz 2) plus a
@@ -12,8 +15,8 @@
    prompt + image tokens in the inference prompt layout, with the flow-matching loss on the head.
    Caption dropout (10%) trains the unconditional branch for text guidance; edits also drop their
    instruction (10%, keeping the image) for image guidance.
-   Teacher-forced image tokens get a little noise (then the use_norm layer norm) so the model
-   tolerates the small errors of its own sampled tokens at inference.
+   Every image token fed in (teacher-forced outputs, edit inputs) gets noise, then the use_norm
+   layer norm, so the model tolerates the errors of its own sampled tokens at inference.
 Everything is seeded: the same seed, device and thread count give the same weights (on CUDA with
 torch's deterministic algorithms).
 """
@@ -106,7 +109,7 @@ EDIT_INSTRUCTION_DROPOUT = 0.1  # edit: image without instruction (image guidanc
 EDIT_ALL_DROPOUT = 0.05  # edit: neither image nor instruction
 EDIT_SHARE = 0.5
 FLOW_REPEATS = 4
-INPUT_NOISE = 0.3  # std of the noise on teacher-forced image tokens (unit-scale, layer-normalised)
+INPUT_NOISE = 0.3  # std of the noise on image tokens fed in (they are unit-scale: layer-normalised)
 
 
 def demo_config(size: str = DEMO_SIZE) -> NextStepConfig:
@@ -240,7 +243,7 @@ class ModelTraining:
 
 
 def noisy_inputs(values: torch.Tensor, mask: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
-    """Teacher-forced image tokens plus N(0, std^2) noise, layer-normalised again as use_norm tokens are."""
+    """Image tokens fed in (where mask) plus N(0, std^2) noise, layer-normalised again as use_norm tokens are."""
     if std == 0.0:
         return values
     noise = torch.randn(values.shape, generator=generator, device=generator.device)
