@@ -89,6 +89,11 @@ class NextStepConfig:
         """Pixels per image token side: VAE factor 8 times the latent patch size."""
         return 8 * self.latent_patch_size
 
+    @property
+    def native_image_size(self) -> int:
+        """The side in pixels the model was trained at: base_image_grid_size tokens (512 for NextStep-1-Large)."""
+        return self.base_image_grid_size * self.downsample
+
     def to_dict(self) -> dict[str, Any]:
         """The config in NextStep-1 naming, as written to config.json by our tools."""
         data = asdict(self)

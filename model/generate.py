@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default="", help="text of the unconditional branch (default: empty)")
     p.add_argument("--positive-prompt", help="appended to the caption after one space")
     p.add_argument("--image", type=Path, help="input image for an edit")
-    p.add_argument("--size", type=parse_size, default=None, help="WxH, multiples of 16 (default 512x512)")
+    p.add_argument("--size", type=parse_size, default=None, help="WxH, multiples of 16 (default: the model's native size, 512x512 for NextStep-1-Large)")
     p.add_argument("--n", type=int, default=1, help="number of images")
     p.add_argument("--steps", type=int, help="sampling steps per token")
     p.add_argument("--guidance-scale", type=float, help="text guidance (cfg)")
@@ -70,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    width, height = args.size or (512, 512)
     try:
         bundle = load_bundle(args.model, args.vae, device=args.device, dtype=DTYPES[args.dtype])
+        width, height = args.size or (bundle.config.native_image_size,) * 2
         params = with_overrides(
             bundle.sampling_defaults.params(edit=args.image is not None),
             num_steps=args.steps,

@@ -43,16 +43,11 @@ _PARAM_NAMES = {
 }
 
 
-def native_size(config: NextStepConfig) -> str:
-    """The size a model was trained at: base_image_grid_size tokens a side (512x512 for NextStep-1-Large)."""
-    side = config.base_image_grid_size * config.downsample
-    return f"{side}x{side}"
-
-
 def parse_size(size: str | None, settings: Settings, config: NextStepConfig) -> tuple[int, int]:
     """'WxH' or 'auto' -> (width, height): multiples of the model's token size, at most max_pixels."""
     downsample = config.downsample
-    text = (settings.default_size or native_size(config)) if size in (None, "auto") else size
+    native = f"{config.native_image_size}x{config.native_image_size}"
+    text = (settings.default_size or native) if size in (None, "auto") else size
     match = _SIZE.match(text)
     if match is None:
         raise bad_request(f"size must be 'auto' or WIDTHxHEIGHT like '512x512'; got {size!r}", "size")

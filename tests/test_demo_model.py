@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from model.bundle import load_bundle
 from model.checkpoint import load_model
@@ -136,3 +137,17 @@ def test_held_out_edits_follow_their_instruction(bundle):
 
 def test_tokenizer_gives_the_special_tokens_the_config_ids():
     TextTokenizer.from_dir(WEIGHTS_DIR).check_special_ids(demo_config())
+
+
+def test_generate_command_draws_the_demo_at_its_native_size_with_its_defaults(tmp_path):
+    from model.demo.checker import read_image
+    from model.generate import main
+
+    out = tmp_path / "img.png"
+    assert main(["--model", str(WEIGHTS_DIR), "--prompt", "a red circle on the left, on a yellow background",
+                 "--seed", "1", "--out", str(out)]) == 0  # fmt: skip
+    picture = Image.open(out)
+    assert picture.size == (64, 64)
+    reading = read_image(picture)
+    assert reading.background == "yellow"
+    assert [(o.colour, o.shape, o.position) for o in reading.objects] == [("red", "circle", "left")]
