@@ -82,7 +82,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, nargs="+", default=[28, 50])
     p.add_argument("--sweep", action="store_true", help="also time GEMM tile configs of the fused loop")
     p.add_argument(
-        "--modulation", choices=fused_head.MODULATION_GEMMS, nargs="+", default=["triton"],
+        "--modulation", choices=fused_head.MODULATION_GEMMS, nargs="+", default=[fused_head.MODULATION_GEMM],
         help="adaLN GEMM backends to time the fused loop with (the first also runs the sweep)",
     )  # fmt: skip
     p.add_argument("--json")

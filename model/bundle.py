@@ -2,8 +2,8 @@
 
 A directory is a published checkpoint (see `checkpoint.py`); its VAE comes from `--vae`, else the
 config's `vae_name_or_path` relative to the directory, else `DIR/vae`; its default sampling settings
-from `sampling_defaults.py`. A preset name builds random
-weights with the preset's shape, a tiny tokenizer and a random tiny VAE (benchmarks and tests).
+as `sampling_defaults.py` reads them. A preset name builds random weights with the preset's shape,
+a tiny tokenizer and a random tiny VAE (benchmarks and tests).
 """
 
 from __future__ import annotations

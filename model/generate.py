@@ -52,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default="", help="text of the unconditional branch (default: empty)")
     p.add_argument("--positive-prompt", help="appended to the caption after one space")
     p.add_argument("--image", type=Path, help="input image for an edit")
-    p.add_argument("--size", type=parse_size, default=None, help="WxH, multiples of 16 (default: the model's native size, 512x512 for NextStep-1-Large)")
+    p.add_argument(
+        "--size", type=parse_size, default=None,
+        help="WxH, multiples of 16 (default: the model's native size, 512x512 for NextStep-1-Large)",
+    )  # fmt: skip
     p.add_argument("--n", type=int, default=1, help="number of images")
     p.add_argument("--steps", type=int, help="sampling steps per token")
     p.add_argument("--guidance-scale", type=float, help="text guidance (cfg)")
