@@ -33,10 +33,16 @@ class Chunk:
 class ScheduledStep:
     chunks: list[Chunk] = field(default_factory=list)
     preempted: list[ImageState] = field(default_factory=list)
+    num_tokens: int = 0  # positions over all chunks, kept as chunks come and go (summing each time is quadratic)
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(c.end - c.start for c in self.chunks)
+    def add(self, chunk: Chunk) -> None:
+        self.chunks.append(chunk)
+        self.num_tokens += chunk.end - chunk.start
+
+    def drop(self, image: ImageState) -> None:
+        """Remove `image`'s chunks (it was preempted)."""
+        self.chunks[:] = [c for c in self.chunks if c.image is not image]
+        self.num_tokens = sum(c.end - c.start for c in self.chunks)
 
 
 def _priority(image: ImageState) -> tuple[int, int]:
@@ -94,7 +100,7 @@ class Scheduler:
                 self._preempt(victim, step)
                 if victim is image:
                     return
-            step.chunks.append(Chunk(image, branch, branch.num_computed, end))
+            step.add(Chunk(image, branch, branch.num_computed, end))
 
     def _admit(self, step: ScheduledStep) -> None:
         admitted = []
@@ -130,7 +136,7 @@ class Scheduler:
         self._release(image)
         image.status = ImageStatus.WAITING
         self.running.remove(image)
-        step.chunks[:] = [c for c in step.chunks if c.image is not image]
+        step.drop(image)
         step.preempted.append(image)
         self.waiting.append(image)
         self.waiting.sort(key=_priority)
