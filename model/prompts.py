@@ -28,6 +28,11 @@ class PromptSequence:
     image_positions: tuple[int, ...] = ()
 
 
+def edit_caption(instruction: str) -> str:
+    """An edit's caption: the instruction after the input image's marker, unless it places the marker itself."""
+    return instruction if IMAGE_MARKER in instruction else IMAGE_MARKER + instruction
+
+
 def area_text(grid_h: int, grid_w: int) -> str:
     """The image-size text of a grid_h x grid_w token grid, e.g. "<|image_area|>32*32"."""
     _check_grid(grid_h, grid_w)

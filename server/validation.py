@@ -17,7 +17,7 @@ import uuid
 from dataclasses import asdict
 
 from model.config import NextStepConfig
-from model.prompts import IMAGE_MARKER, PromptError, build_prompt_branches
+from model.prompts import PromptError, build_prompt_branches, edit_caption
 from model.reference import with_overrides
 from model.sampling import SamplingError, SamplingParams, branch_count
 from model.sampling_defaults import SamplingDefaults
@@ -129,9 +129,7 @@ def build_job(request: ImageRequest, served: ServedModel, settings: Settings, im
     width, height = parse_size(request.size, settings, config)
     edit = image is not None
     params = sampling_params(request, settings, served.sampling_defaults, edit)
-    prompt = request.prompt
-    if edit and IMAGE_MARKER not in prompt:
-        prompt = IMAGE_MARKER + prompt
+    prompt = edit_caption(request.prompt) if edit else request.prompt
     for text, param in ((request.prompt, "prompt"), (request.negative_prompt, "negative_prompt"),
                         (request.positive_prompt, "positive_prompt")):  # fmt: skip
         check_text_tokens(text, param, served, settings)

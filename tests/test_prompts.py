@@ -11,7 +11,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from model.config import FAMILY_V1, FAMILY_V11, NextStepConfig
-from model.prompts import PromptError, PromptSequence, area_text, build_prompt_branches
+from model.prompts import IMAGE_MARKER, PromptError, PromptSequence, area_text, build_prompt_branches, edit_caption
 from model.tokenizer import TextTokenizer, write_tiny_tokenizer
 
 TINY_CONFIG = {
@@ -258,3 +258,8 @@ def test_image_marker_in_negative_or_positive_prompt_is_an_error(tokenizer, conf
 def test_placeholder_token_typed_into_the_caption_is_an_error(tokenizer, config):
     with pytest.raises(PromptError, match="placeholder"):
         build_prompt_branches(tokenizer, config, "A <|image_placeholder|> cat", 2, 2, num_branches=1)
+
+
+def test_edit_caption_puts_the_marker_first_unless_the_instruction_places_it():
+    assert edit_caption("make the circle blue") == IMAGE_MARKER + "make the circle blue"
+    assert edit_caption(f"keep {IMAGE_MARKER} but brighter") == f"keep {IMAGE_MARKER} but brighter"

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from PIL import Image
 
 from model.bundle import ModelBundle, load_bundle
-from model.prompts import IMAGE_MARKER
+from model.prompts import edit_caption
 from model.reference import GenerationRequest
 
 from . import WEIGHTS_DIR
@@ -45,8 +45,8 @@ def reference_renderer(bundle: ModelBundle) -> Renderer:
         params = bundle.sampling_defaults.params(edit=image is not None)
         if guidance is not None:
             params = replace(params, guidance_scale=guidance, image_guidance_scale=guidance)
-        if image is not None and IMAGE_MARKER not in prompt:
-            prompt = IMAGE_MARKER + prompt  # as the server does for an edit
+        if image is not None:
+            prompt = edit_caption(prompt)  # as the server does for an edit
         request = GenerationRequest(prompt=prompt, width=IMAGE_SIZE, height=IMAGE_SIZE, params=params, seed=seed, image=image)
         return generator.generate(request).to_pil()[0]
 

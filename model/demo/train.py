@@ -39,7 +39,7 @@ import torch
 from model.config import FAMILY_V1, NextStepConfig
 from model.latents import decode_image_tokens, encode_image_tokens, encoder_layer_norm, image_to_pixels, pixels_to_uint8
 from model.nextstep import NextStepModel
-from model.prompts import IMAGE_MARKER, PromptSequence, build_prompt_branches
+from model.prompts import PromptSequence, build_prompt_branches, edit_caption
 from model.sampling import TOKEN_NORM_EPS
 from model.sampling_defaults import SAMPLING_DEFAULTS_FILE
 from model.tokenizer import TextTokenizer, write_tiny_tokenizer
@@ -280,7 +280,7 @@ def train_model(
         for _ in range(plan.batch_size):
             if rng.random() < plan.edit_share:
                 i = int(rng.integers(len(edits)))
-                branches = book.branches(IMAGE_MARKER + edits[i].instruction, edit=True)
+                branches = book.branches(edit_caption(edits[i].instruction), edit=True)
                 u = rng.random()
                 branch = 1 if u < EDIT_INSTRUCTION_DROPOUT else 2 if u < EDIT_INSTRUCTION_DROPOUT + EDIT_ALL_DROPOUT else 0
                 prompts.append(branches[branch])
