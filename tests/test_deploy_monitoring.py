@@ -63,23 +63,17 @@ def exported_samples() -> dict[str, str]:
 # promtool
 
 
-def test_compose_prometheus_config_passes_promtool():
-    result = promtool("check", "config", "prometheus.yml")
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_kubernetes_prometheus_config_passes_promtool():
-    result = promtool("check", "config", "kubernetes.yml")
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_alert_rules_pass_promtool():
-    result = promtool("check", "rules", "alerts.yml")
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_alert_rule_unit_tests_pass_promtool():
-    result = promtool("test", "rules", "alerts_test.yml")
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("check", "config", "prometheus.yml"),  # compose's Prometheus
+        ("check", "config", "kubernetes.yml"),  # the Kubernetes one
+        ("check", "rules", "alerts.yml"),
+        ("test", "rules", "alerts_test.yml"),  # the alert rules' unit tests
+    ],
+)
+def test_prometheus_files_pass_promtool(args):
+    result = promtool(*args)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
