@@ -17,6 +17,7 @@ import argparse
 import json
 import statistics
 import time
+import warnings
 from dataclasses import replace
 
 import torch
@@ -104,8 +105,12 @@ def bench_engine(engine: BatchedEngine, done_at: dict, args, concurrency: int) -
     started = time.perf_counter()
     for i in range(concurrency):
         engine.add_request(EngineRequest(f"c{concurrency}-{i}", make_request(args, seed=i)))
+    profiled = None
     while engine.has_work():
-        engine.step()
+        if args.profile_steps and engine.timings.steps == PROFILE_FROM_STEP:
+            profiled = profile_steps(engine, args.profile_steps)
+        else:
+            engine.step()
     sync(args.device)
     wall = time.perf_counter() - started
     latencies = sorted(t - started for t in done_at.values())
@@ -122,7 +127,49 @@ def bench_engine(engine: BatchedEngine, done_at: dict, args, concurrency: int) -
         "steps": t.steps,
         "seconds": {"schedule": t.schedule, "backbone": t.backbone, "head": t.head, "vae": t.vae},
         "mean_head_batch": statistics.mean(t.batch_sizes) if t.batch_sizes else 0,
+        "profile": profiled,
     }
+
+
+PROFILE_FROM_STEP = 100  # past the prompts' prefill: steady decoding
+
+
+def profile_steps(engine: BatchedEngine, count: int) -> dict:
+    """Run `count` engine steps under the torch profiler and the CUDA sync checker: wall time per
+    step, GPU kernel time per step (their ratio is how busy the host keeps the GPU), host-device
+    synchronisations, and the kernels by time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.head_bench import kernel_table
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as syncs, profile(activities=[ProfilerActivity.CUDA]) as prof:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        started = time.perf_counter()
+        for _ in range(count):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - started
+        torch.cuda.set_sync_debug_mode("default")
+    kernels = kernel_table(prof)
+    kernel_ms = sum(k["us"] for k in kernels) / 1e3
+    result = {
+        "steps": count,
+        "wall_ms_per_step": 1e3 * wall / count,
+        "kernel_ms_per_step": kernel_ms / count,
+        "syncs": len(syncs),
+        "sync_sites": sorted({str(w.message)[:160] for w in syncs})[:5],
+        "kernels": kernels[:25],
+    }
+    print(
+        f"  profile of {count} steps: {result['wall_ms_per_step']:.2f} ms wall, {result['kernel_ms_per_step']:.2f} ms "
+        f"of kernels per step, {len(syncs)} syncs",
+        flush=True,
+    )
+    for k in kernels[:15]:
+        print(f"    {k['us'] / count:9.1f} us/step {k['count'] // count:5d}x  {k['name'][:90]}", flush=True)
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -141,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--overlap", action="store_true", help="no GPU sync between phases (no time breakdown)")
     p.add_argument("--modulation-gemm", choices=fused_head.MODULATION_GEMMS, default=fused_head.MODULATION_GEMM,
                    help="backend of the fused head's adaLN GEMM")  # fmt: skip
+    p.add_argument("--profile-steps", type=int, default=0, help=f"profile this many steps from step {PROFILE_FROM_STEP} (GPU)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     fused_head.MODULATION_GEMM = args.modulation_gemm

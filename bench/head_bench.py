@@ -49,6 +49,9 @@ def graphed(fn):
 
 
 SWEEP = [
+    {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3},
     {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3},
     {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
     {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4},
@@ -76,6 +79,69 @@ def sweep(fused, key, batch, t_emb) -> list[dict]:
     return out
 
 
+def parse_variant(text: str) -> dict:
+    settings = {}
+    for item in text.split(","):
+        name, value = item.split("=")
+        current = getattr(fused_head, name)  # only existing settings
+        settings[name] = type(current)(value)
+    return settings
+
+
+def variants(texts, fused, key, batch, t_emb, plain_out) -> list[dict]:
+    """The fused loop's graph time and difference from the plain loop under other settings."""
+    out = []
+    for text in texts:
+        settings = parse_variant(text)
+        saved = {name: getattr(fused_head, name) for name in settings}
+        try:
+            for name, value in settings.items():
+                setattr(fused_head, name, value)
+            with torch.inference_mode():
+                graph, result = graphed(lambda: fused_sample_loop(fused, key, batch, t_emb))
+                ms = timed(graph.replay)
+                graph.replay()
+            diff = ((result - plain_out).norm() / plain_out.norm()).item()
+        finally:
+            for name, value in saved.items():
+                setattr(fused_head, name, value)
+        out.append(dict(settings, ms=ms, rel_diff=diff))
+        print(f"    {text}: {ms:.2f} ms (rel diff {diff:.2e})", flush=True)
+    return out
+
+
+def profile(fused, key, batch, t_emb, top: int = 12) -> list[dict]:
+    """GPU time per kernel name over one replay of the fused loop's graph."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch.inference_mode():
+        graph, _ = graphed(lambda: fused_sample_loop(fused, key, batch, t_emb))
+        graph.replay()
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            graph.replay()
+            torch.cuda.synchronize()
+    rows = kernel_table(prof)
+    for r in rows[:top]:
+        print(f"    {r['us']:9.1f} us {r['count']:5d}x  {r['name'][:90]}", flush=True)
+    return rows
+
+
+def kernel_table(prof) -> list[dict]:
+    """Kernels by total device time (microseconds), from a torch profiler run."""
+    totals: dict[str, list] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = totals.setdefault(event.name, [0.0, 0])
+            entry[0] += event.time_range.elapsed_us()
+            entry[1] += 1
+    rows = [{"name": name, "us": us, "count": count} for name, (us, count) in totals.items()]
+    rows.sort(key=lambda r: -r["us"])
+    print(f"    all kernels: {sum(r['us'] for r in rows):.1f} us in {sum(r['count'] for r in rows)} launches", flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, nargs="+", default=[2, 16, 64, 128, 256, 512])
@@ -85,6 +151,11 @@ def main() -> None:
         "--modulation", choices=fused_head.MODULATION_GEMMS, nargs="+", default=[fused_head.MODULATION_GEMM],
         help="adaLN GEMM backends to time the fused loop with (the first also runs the sweep)",
     )  # fmt: skip
+    p.add_argument(
+        "--variant", action="append", default=[], metavar="NAME=VALUE,...",
+        help="also time the fused loop with these kernels.fused_head settings, e.g. MODULATION_CHUNK_ROWS=0",
+    )  # fmt: skip
+    p.add_argument("--profile", action="store_true", help="print the fused loop's kernels by GPU time")
     p.add_argument("--json")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -131,6 +202,10 @@ def main() -> None:
                 f"by adaLN GEMM {({b: round(v[0], 2) for b, v in by_modulation.items()})}",
                 flush=True,
             )
+            if args.variant:
+                row["variants"] = variants(args.variant, fused, key, batch, t_emb, plain_out)
+            if args.profile:
+                row["kernels"] = profile(fused, key, batch, t_emb)
             if args.sweep:
                 row["sweep"] = sweep(fused, key, batch, t_emb)
             if args.json:

@@ -48,6 +48,20 @@ def test_linear_kernel_matches_reference(m, n, k, epilogue):
     assert rel(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("m,x_rows,n,k", [(2, 1, 40, 24), (37, 37, 96, 72), (70, 35, 130, 64)])
+def test_linear_kernel_with_layernorm_prologue_and_row_wrap_matches_reference(affine, m, x_rows, n, k):
+    x, w, b = torch.randn(x_rows, k) * 2 + 0.5, torch.randn(n, k), torch.randn(n)
+    mod = torch.randn(m, 2 * k)
+    ln = (torch.randn(k), torch.randn(k)) if affine else (None, None)
+    norm = (mod[:, :k], mod[:, k:], *ln)
+    got = linear(x, w, b, EPILOGUE_BIAS_SILU, rows=m, norm=norm, use_triton=True)
+    want = linear_reference(x, w, b, EPILOGUE_BIAS_SILU, rows=m, norm=norm)
+    assert rel(got, want) < 1e-5
+    x_full = x[torch.arange(m) % x_rows]
+    torch.testing.assert_close(want, torch.nn.functional.silu(ln_modulate_reference(x_full, *norm) @ w.t() + b))
+
+
 def test_linear_reference_is_the_formula():
     x, w, b = torch.randn(5, 8), torch.randn(6, 8), torch.randn(6)
     gate, res = torch.randn(5, 6), torch.randn(5, 6)
@@ -109,23 +123,28 @@ def test_update_coefficients_reproduce_the_step_functions(sampler, shift):
         torch.testing.assert_close(a * x + b * v + c * z, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("norm_in_gemm_max_rows", [0, 64])
 @pytest.mark.parametrize("modulation_gemm", fused_head.MODULATION_GEMMS)
-def test_fused_velocity_matches_the_head_module(modulation_gemm, monkeypatch):
+def test_fused_velocity_matches_the_head_module(modulation_gemm, norm_in_gemm_max_rows, monkeypatch):
     monkeypatch.setattr(fused_head, "MODULATION_GEMM", modulation_gemm)
+    monkeypatch.setattr(fused_head, "NORM_IN_GEMM_MAX_ROWS", norm_in_gemm_max_rows)
     torch.manual_seed(0)
     head = FlowMatchingHead(token_dim=64, cond_dim=48, width=32, depth=3)
     for p in head.parameters():
         p.data.normal_(0, 0.3)
     fused = FusedHead(head.net, use_triton=True)
-    x, c = torch.randn(7, 64), torch.randn(7, 48)
-    t = torch.tensor([0.37])
+    x, c = torch.randn(7, 64), torch.randn(14, 48)  # two conditions per x row, as with guidance
+    t = torch.tensor([0.9, 0.37])
     with torch.no_grad():
-        got = fused.velocity(x, fused.time_embedding(t), fused.cond_embedding(c))
-        want = head.velocity(x, 0.37, c)
+        mods = fused.modulations(fused.time_embedding(t), fused.cond_embedding(c))
+        got = fused.velocity(x, mods[1])
+        want = head.velocity(x.repeat(2, 1), 0.37, c)
     assert rel(got, want) < 1e-5
 
 
-def test_fused_engine_matches_the_reference_generator():
+@pytest.mark.parametrize("chunk_rows", [0, 4096])
+def test_fused_engine_matches_the_reference_generator(chunk_rows, monkeypatch):
+    monkeypatch.setattr(fused_head, "MODULATION_CHUNK_ROWS", chunk_rows)  # modulations step by step, or all steps at once
     from model.bundle import load_bundle
     from server.engine.engine import BatchedEngine, EngineConfig
     from server.engine.events import EngineRequest, ImageDone

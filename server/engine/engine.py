@@ -41,7 +41,7 @@ class EngineConfig:
     max_batched_tokens: int = 2048
     attention_backend: str | None = None  # None: automatic (reference on CPU)
     fused_head: bool | None = None  # Triton-fused head step inside that loop; None: on GPU only
-    time_phases: bool = True  # synchronize the GPU after each phase so StepTimings splits time exactly
+    time_phases: bool = False  # synchronize the GPU after each phase so StepTimings splits time exactly (slower)
 
 
 @dataclass

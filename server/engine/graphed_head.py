@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kernels import fused_head
 from kernels.fused_head import FusedHead, guided_update
 from model.nextstep import NextStepModel
 from model.noise import philox_normal4
@@ -38,6 +39,7 @@ from model.sampling import (
 )
 
 from .sequence import ImageState
+from .transfer import to_device
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512)
 
@@ -138,13 +140,17 @@ def _loop_params(key: GraphKey) -> SamplingParams:
 def fused_sample_loop(fused: FusedHead, key: GraphKey, batch: StaticBatch, t_emb: torch.Tensor) -> torch.Tensor:
     """sample_loop with the fused kernels: t_emb [N, D] holds the time embedding of each step's t."""
     params = _loop_params(key)
-    cond_emb = fused.cond_embedding(batch.conditions.reshape(key.slots * key.bucket, -1))
+    rows = key.slots * key.bucket
+    cond_emb = fused.cond_embedding(batch.conditions.reshape(rows, -1))
+    chunk = max(1, min(key.num_steps, fused_head.MODULATION_CHUNK_ROWS // rows))
     counters = (batch.seed[:, 0], batch.image[:, 0], batch.token[:, 0])
     scales = (batch.cfg[:, 0], batch.cfg_img[:, 0], batch.rescale[:, 0])
     x = torch.zeros(key.bucket, batch.blocks.shape[1] * 4, device=batch.seed.device)
     x = guided_update(None, x, *scales, *counters, 0, 0.0, 0.0, 1.0, use_triton=fused.use_triton)
     for i in range(key.num_steps):
-        v = fused.velocity(x.repeat(key.slots, 1), t_emb[i : i + 1], cond_emb).view(key.slots, key.bucket, -1)
+        if i % chunk == 0:
+            mods = fused.modulations(t_emb[i : i + chunk], cond_emb)
+        v = fused.velocity(x, mods[i % chunk]).view(key.slots, key.bucket, -1)
         a, b, c = update_coefficients(params, i)
         x = guided_update(v, x, *scales, *counters, i + 1, a, b, c, use_triton=fused.use_triton)
     normed = F.layer_norm(x, x.shape[-1:], eps=TOKEN_NORM_EPS)
@@ -199,9 +205,9 @@ class GraphedHeadSampler:
         hidden = torch.stack(rows).view(key.slots, len(images), -1)
         token_index = [len(image.tokens) for image in images]
         if model.gen_pos_embed is not None:
-            positions = torch.tensor(token_index, device=hidden.device)
-            if int(positions.max()) >= model.gen_pos_embed.shape[1]:
-                raise ValueError(f"image token {int(positions.max())} is beyond gen_pos_embed")
+            if max(token_index) >= model.gen_pos_embed.shape[1]:
+                raise ValueError(f"image token {max(token_index)} is beyond gen_pos_embed")
+            positions = to_device(token_index, torch.int64, hidden.device)
             hidden = hidden + model.gen_pos_embed[0, positions].to(hidden.dtype)[None]
         n = len(images)
         batch.conditions.zero_()
@@ -210,7 +216,7 @@ class GraphedHeadSampler:
         pad = key.bucket - n
 
         def column(values, dtype):
-            return torch.tensor(list(values) + [0] * pad, dtype=dtype).view(-1, 1)
+            return to_device(list(values) + [0] * pad, dtype, hidden.device).view(-1, 1)
 
         batch.cfg.copy_(column((s[0] for s in scales), torch.float32))
         batch.cfg_img.copy_(column((s[1] for s in scales), torch.float32))

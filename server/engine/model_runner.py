@@ -14,6 +14,7 @@ from model.bundle import ModelBundle
 from model.rope import apply_rotary
 
 from .scheduler import Chunk
+from .transfer import to_device
 
 
 class ModelRunner:
@@ -70,11 +71,11 @@ class ModelRunner:
                 row += 1
         embeds = torch.empty(row, model.config.hidden_size, device=model.device, dtype=model.dtype)
         if text_ids:
-            ids = torch.tensor(text_ids, device=model.device)
-            embeds[torch.tensor(text_rows, device=model.device)] = model.embed_tokens(ids)
+            ids = to_device(text_ids, torch.int64, model.device)
+            embeds[to_device(text_rows, torch.int64, model.device)] = model.embed_tokens(ids)
         if image_tokens:
             tokens = torch.stack([t.to(model.device) for t in image_tokens]).to(model.dtype)
-            embeds[torch.tensor(image_rows, device=model.device)] = model.image_in_projector(tokens)
+            embeds[to_device(image_rows, torch.int64, model.device)] = model.image_in_projector(tokens)
         return embeds
 
     @torch.inference_mode()
@@ -97,12 +98,12 @@ class ModelRunner:
         starts = torch.tensor([0, *lengths]).cumsum(0)
         return self.forward(
             x,
-            torch.tensor(positions, device=device),
-            torch.tensor(slots, dtype=torch.int64, device=device),
-            torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device),
-            torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            starts.to(device=device, dtype=torch.int32),
-            (starts[1:] - 1).to(device),
+            to_device(positions, torch.int64, device),
+            to_device(slots, torch.int64, device),
+            to_device([t + [0] * (width - len(t)) for t in tables], torch.int32, device),
+            to_device(seq_lens, torch.int32, device),
+            to_device(starts, torch.int32, device),
+            to_device(starts[1:] - 1, torch.int64, device),
         )
 
     def forward(self, x, positions, slots, tables, seq_lens, starts, last_rows) -> torch.Tensor:
@@ -166,13 +167,13 @@ class DecodeGraphs:
         graph, inputs, out = self.graphs[key]
         runner, pad = self.runner, batch - n
         scratch = runner.scratch_block
+        device = x.device
         inputs["x"][:n].copy_(x)
-        inputs["positions"].copy_(torch.tensor(positions + [0] * pad))
-        inputs["slots"].copy_(torch.tensor(slots + [scratch * runner.block_size] * pad))
-        inputs["tables"].copy_(
-            torch.tensor([t + [scratch] * (width - len(t)) for t in tables] + [[scratch] * width] * pad, dtype=torch.int32)
-        )
-        inputs["seq_lens"].copy_(torch.tensor(seq_lens + [1] * pad, dtype=torch.int32))
+        inputs["positions"].copy_(to_device(positions + [0] * pad, torch.int64, device))
+        inputs["slots"].copy_(to_device(slots + [scratch * runner.block_size] * pad, torch.int64, device))
+        tables = [t + [scratch] * (width - len(t)) for t in tables] + [[scratch] * width] * pad
+        inputs["tables"].copy_(to_device(tables, torch.int32, device))
+        inputs["seq_lens"].copy_(to_device(seq_lens + [1] * pad, torch.int32, device))
         graph.replay()
         return out[:n].clone()
 
