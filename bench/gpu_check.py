@@ -4,7 +4,9 @@
 
 1. Paged attention at the real shapes (40 query / 8 kv heads, head_dim 128, bf16): each backend
    against the reference on fresh random inputs (relative error), and its time.
-2. Engine vs reference generator on the GPU (tiny preset, float32 and bfloat16): largest token
+2. The decoder-step kernels at the real shapes (bf16) against the model's own modules: rotary
+   embedding, cache write and residual add bit-identical, norms and SiLU relative error.
+3. Engine vs reference generator on the GPU (tiny preset, float32 and bfloat16): largest token
    and pixel differences over a mixed batch.
 """
 
@@ -88,6 +90,39 @@ def check_attention(results: dict) -> None:
     results["attention"] = out
 
 
+def check_decoder_step(results: dict) -> None:
+    from kernels import decoder_step as ds
+    from model.decoder import RMSNorm
+    from model.rope import RotaryEmbedding
+
+    torch.manual_seed(0)
+    tokens, heads, kv_heads, d, hidden, inner = 512, 40, 8, 128, 5120, 13824
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    rotary = RotaryEmbedding(d, 1e6, None, 32768)
+    cos, sin = rotary.cos_sin(torch.randint(0, 4000, (tokens,), device="cuda"), torch.bfloat16)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d, **bf16)
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=1)
+    q, k, v = q.view(tokens, heads, d), k.view(tokens, kv_heads, d), v.view(tokens, kv_heads, d)
+    slots = torch.randperm(4096 * 16, device="cuda")[:tokens]
+    caches = [torch.randn(4096, 16, kv_heads, d, **bf16) for _ in range(2)]
+    caches += [c.clone() for c in caches]
+    got = ds.rope_write_kv(q, k, v, cos, sin, caches[0], caches[1], slots)
+    want = ds.rope_write_kv_reference(q, k, v, cos, sin, caches[2], caches[3], slots)
+    out = {"rope_q_identical": torch.equal(got, want), "rope_cache_identical": all(torch.equal(caches[i], caches[i + 2]) for i in (0, 1))}
+    norm = RMSNorm(hidden, 1e-6).to(**bf16)
+    norm.weight.data.normal_(1, 0.1)
+    x, delta = torch.randn(tokens, hidden, **bf16), torch.randn(tokens, hidden, **bf16)
+    (x_got, h_got), (x_want, h_want) = ds.add_rms_norm(x, delta, norm), ds.add_rms_norm_reference(x, delta, norm)
+    out["residual_identical"] = torch.equal(x_got, x_want)
+    out["rms_norm_rel_error"] = ((h_got.float() - h_want.float()).norm() / h_want.float().norm()).item()
+    out["rms_norm_identical_fraction"] = (h_got == h_want).float().mean().item()
+    gate, up = torch.randn(tokens, inner, **bf16), torch.randn(tokens, inner, **bf16)
+    got, want = ds.silu_mul(gate, up).float(), ds.silu_mul_reference(gate, up).float()
+    out["silu_mul_rel_error"] = ((got - want).norm() / want.norm()).item()
+    print("decoder step", out, flush=True)
+    results["decoder_step"] = out
+
+
 def check_engine_parity(results: dict) -> None:
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
@@ -125,11 +160,12 @@ def check_engine_parity(results: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json")
-    p.add_argument("--skip", nargs="*", default=[], choices=["attention", "parity"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["attention", "decoder_step", "parity"])
     args = p.parse_args()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     started = time.time()
-    for name, fn in (("attention", check_attention), ("parity", check_engine_parity)):
+    checks = (("attention", check_attention), ("decoder_step", check_decoder_step), ("parity", check_engine_parity))
+    for name, fn in checks:
         if name not in args.skip:
             try:
                 fn(results)

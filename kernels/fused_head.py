@@ -34,9 +34,6 @@ LINEAR_CONFIG: dict = {}  # may also set BLOCK_M
 MODULATION_GEMMS = ("triton", "cublas")
 MODULATION_GEMM = "cublas"  # H200: 18.5 vs 21.6 ms per token at 256 rows, 24.4 vs 31.3 at 512
 
-# Up to this many rows the LayerNorm+modulate of each block runs inside the next GEMM (each tile
-# computes its rows' statistics: cheap for a few rows, re-read per column tile for many).
-NORM_IN_GEMM_MAX_ROWS = 64
 # The adaLN modulations depend on the step's time and the token's condition only, never on x, so
 # they are computed for several steps in one GEMM of about this many rows (weights read once per
 # chunk, not once per step); 0 computes them step by step.
@@ -51,16 +48,13 @@ EPILOGUE_GATED_RESIDUAL = 2  # out = residual + gate * (x @ W^T + b)
 # torch references
 
 
-def linear_reference(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residual=None, rows=None, norm=None):
+def linear_reference(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residual=None, rows=None):
     """x: [X, K]; weight: [N, K]; bias: [N]; gate, residual: [M, N] (strided views allowed) -> [M, N].
 
-    rows: M when it exceeds X (output row r reads input row r % X). norm: (shift, scale, ln_weight,
-    ln_bias), each [M, K] / [K] or None: the input is ln_modulate_reference(x, ...) (one kernel fuses both).
+    rows: M when it exceeds X (output row r reads input row r % X: x repeated without a copy).
     """
     if rows is not None:
         x = x[torch.arange(rows, device=x.device) % x.shape[0]]
-    if norm is not None:
-        x = ln_modulate_reference(x, *norm)
     out = (x.float() @ weight.float().t() + bias.float())
     if epilogue == EPILOGUE_BIAS_SILU:
         out = F.silu(out)
@@ -99,10 +93,10 @@ if triton is not None:
 
     @triton.jit
     def _linear_kernel(
-        x_ptr, w_ptr, b_ptr, out_ptr, gate_ptr, res_ptr, shift_ptr, scale_ptr, lnw_ptr, lnb_ptr,
-        M, N, K, X_ROWS, stride_xm, stride_wn, stride_om, stride_gm, stride_rm, stride_mod, eps,
-        EPILOGUE: tl.constexpr, NORM: tl.constexpr, AFFINE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+        x_ptr, w_ptr, b_ptr, out_ptr, gate_ptr, res_ptr,
+        M, N, K, X_ROWS, stride_xm, stride_wn, stride_om, stride_gm, stride_rm,
+        EPILOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):  # fmt: skip
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -111,32 +105,11 @@ if triton is not None:
         rk = tl.arange(0, BLOCK_K)
         row_ok = rm < M
         x_rows = x_ptr + (rm % X_ROWS)[:, None] * stride_xm  # output row r reads input row r % X_ROWS
-        if NORM:  # LayerNorm statistics of the tile's rows, two passes (a few rows, read from L2)
-            total = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                kk = k0 + rk
-                total += tl.sum(tl.load(x_rows + kk[None, :], mask=row_ok[:, None] & (kk[None, :] < K), other=0.0).to(tl.float32), axis=1)
-            mean = total / K
-            squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                kk = k0 + rk
-                xmask = row_ok[:, None] & (kk[None, :] < K)
-                centered = tl.where(xmask, tl.load(x_rows + kk[None, :], mask=xmask, other=0.0).to(tl.float32) - mean[:, None], 0.0)
-                squares += tl.sum(centered * centered, axis=1)
-            rstd = 1.0 / tl.sqrt(squares / K + eps)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             xmask = row_ok[:, None] & (kk[None, :] < K)
             xt = tl.load(x_rows + kk[None, :], mask=xmask, other=0.0)
-            if NORM:  # the GEMM's input is LayerNorm(x) * (1 + scale) + shift, rounded as the reference rounds it
-                u = (xt.to(tl.float32) - mean[:, None]) * rstd[:, None]
-                if AFFINE:
-                    u = u * tl.load(lnw_ptr + kk, mask=kk < K, other=1.0).to(tl.float32)[None, :]
-                    u = u + tl.load(lnb_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
-                shift = tl.load(shift_ptr + rm[:, None] * stride_mod + kk[None, :], mask=xmask, other=0.0).to(tl.float32)
-                scale = tl.load(scale_ptr + rm[:, None] * stride_mod + kk[None, :], mask=xmask, other=0.0).to(tl.float32)
-                xt = (u * (1.0 + scale) + shift).to(x_ptr.dtype.element_ty)
             wt = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0)
             acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
@@ -220,11 +193,10 @@ def _use_triton(t: torch.Tensor, force: bool | None) -> bool:
     return triton is not None and t.is_cuda
 
 
-def linear(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residual=None, rows=None, norm=None, use_triton=None):
-    """See linear_reference; x, weight row-major with unit stride in the last dim; shift and scale
-    of norm share one row stride (column slices of one modulation tensor)."""
+def linear(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residual=None, rows=None, use_triton=None):
+    """See linear_reference; x, weight row-major with unit stride in the last dim."""
     if not _use_triton(x, use_triton):
-        return linear_reference(x, weight, bias, epilogue, gate, residual, rows, norm)
+        return linear_reference(x, weight, bias, epilogue, gate, residual, rows)
     x_rows, k = x.shape
     m = rows or x_rows
     n = weight.shape[0]
@@ -234,13 +206,10 @@ def linear(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residual=None, ro
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, config["BLOCK_N"]))
     gate_t = gate if gate is not None else out
     res_t = residual if residual is not None else out
-    shift, scale, ln_weight, ln_bias = norm if norm is not None else (out, out, None, None)
-    affine = ln_weight is not None
     _linear_kernel[grid](
-        x, weight, bias, out, gate_t, res_t, shift, scale, ln_weight if affine else out, ln_bias if affine else out,
-        m, n, k, x_rows, x.stride(0), weight.stride(0), out.stride(0), gate_t.stride(0), res_t.stride(0),
-        shift.stride(0), LN_EPS, EPILOGUE=epilogue, NORM=norm is not None, AFFINE=affine,
-        BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
+        x, weight, bias, out, gate_t, res_t, m, n, k, x_rows,
+        x.stride(0), weight.stride(0), out.stride(0), gate_t.stride(0), res_t.stride(0),
+        EPILOGUE=epilogue, BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32 stays float32 (no tf32 rounding)
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
@@ -326,19 +295,12 @@ class FusedHead:
         is x's row r % B under condition r) -> velocity [R, token_dim] float32."""
         net, d, use = self.net, self.width, self.use_triton
         rows = mod.shape[0]
-        norm_in_gemm = rows <= NORM_IN_GEMM_MAX_ROWS
-
-        def normed_linear(h, base, layer, epilogue=EPILOGUE_BIAS, ln=(None, None), **kw):
-            shift, scale = mod[:, base : base + d], mod[:, base + d : base + 2 * d]
-            if norm_in_gemm:
-                return linear(h, layer.weight, layer.bias, epilogue, norm=(shift, scale, *ln), use_triton=use, **kw)
-            u = ln_modulate(h, shift, scale, *ln, use_triton=use)
-            return linear(u, layer.weight, layer.bias, epilogue, use_triton=use, **kw)
-
         h = linear(x.to(self.mod_weight.dtype), net.input_proj.weight, net.input_proj.bias, rows=rows, use_triton=use)
         for j, block in enumerate(net.res_blocks):
-            base = 3 * d * j
-            u = normed_linear(h, base, block.mlp[0], EPILOGUE_BIAS_SILU, (block.in_ln.weight, block.in_ln.bias))
-            gate = mod[:, base + 2 * d : base + 3 * d]
+            shift, scale, gate = mod[:, 3 * d * j :].split(d, dim=1)[:3]
+            u = ln_modulate(h, shift, scale, block.in_ln.weight, block.in_ln.bias, use_triton=use)
+            u = linear(u, block.mlp[0].weight, block.mlp[0].bias, EPILOGUE_BIAS_SILU, use_triton=use)
             h = linear(u, block.mlp[2].weight, block.mlp[2].bias, EPILOGUE_GATED_RESIDUAL, gate, h, use_triton=use)
-        return normed_linear(h, 3 * d * len(net.res_blocks), net.final_layer.linear).float()
+        shift, scale = mod[:, 3 * d * len(net.res_blocks) :].split(d, dim=1)
+        u = ln_modulate(h, shift, scale, use_triton=use)
+        return linear(u, net.final_layer.linear.weight, net.final_layer.linear.bias, use_triton=use).float()

@@ -41,6 +41,7 @@ class EngineConfig:
     max_batched_tokens: int = 2048
     attention_backend: str | None = None  # None: automatic (reference on CPU)
     fused_head: bool | None = None  # Triton-fused head step inside that loop; None: on GPU only
+    fused_backbone: bool | None = None  # Triton kernels between the backbone's matrix products; None: on GPU only
     time_phases: bool = False  # synchronize the GPU after each phase so StepTimings splits time exactly (slower)
 
 
@@ -75,7 +76,9 @@ class BatchedEngine:
         num_blocks = config.num_blocks or max(1, kv_bytes // ModelRunner.kv_bytes_per_block(bundle, config.block_size))
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(SchedulerConfig(config.max_running_images, config.max_batched_tokens), self.blocks)
-        self.runner = ModelRunner(bundle, num_blocks, config.block_size, config.attention_backend)
+        self.runner = ModelRunner(
+            bundle, num_blocks, config.block_size, config.attention_backend, fused_kernels=config.fused_backbone
+        )
         self.head = GraphedHeadSampler(bundle.model, fused=config.fused_head)
         self.generator = self.runner.generator
         self.requests: dict[str, RequestState] = {}

@@ -8,7 +8,9 @@ decodes mixed). It makes no scheduling decisions.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from kernels.decoder_step import add_rms_norm, rope_write_kv, silu_mul
 from kernels.paged_attention import paged_attention, write_kv
 from model.bundle import ModelBundle
 from model.rope import apply_rotary
@@ -25,6 +27,7 @@ class ModelRunner:
         block_size: int,
         attention_backend: str | None = None,
         use_graphs: bool = True,
+        fused_kernels: bool | None = None,
     ):
         self.bundle = bundle
         self.model = bundle.model
@@ -32,6 +35,10 @@ class ModelRunner:
         config = self.model.config
         self.block_size = block_size
         self.attention_backend = attention_backend
+        # Triton kernels for the glue between matrix products on GPU (forced on CPU: TRITON_INTERPRET
+        # tests); the model's own modules otherwise, which keeps CPU results bit-exact
+        self.fused_kernels = self.model.device.type == "cuda" if fused_kernels is None else fused_kernels
+        self.projections = [FusedProjections(layer) for layer in self.model.layers] if self.fused_kernels else None
         shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
         device, dtype = self.model.device, self.model.dtype
         # one block more than the block manager hands out: padding rows of a decode graph write there
@@ -114,6 +121,8 @@ class ModelRunner:
         Returns the final normed hidden states at last_rows, [S, hidden].
         """
         model = self.model
+        if self.fused_kernels:
+            return self._forward_fused(x, positions, slots, tables, seq_lens, starts, last_rows)
         cos, sin = model.rotary.cos_sin(positions[None], x.dtype)
         total = x.shape[0]
         for i, layer in enumerate(model.layers):
@@ -133,9 +142,64 @@ class ModelRunner:
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return model.norm(x[last_rows])
 
+    def _forward_fused(self, x, positions, slots, tables, seq_lens, starts, last_rows) -> torch.Tensor:
+        """forward() with the glue fused (kernels.decoder_step): one kernel each for residual add +
+        RMSNorm, rotary embedding + cache write, and SiLU * up."""
+        model, use = self.model, self.fused_kernels
+        cos, sin = model.rotary.cos_sin(positions, x.dtype)
+        total = x.shape[0]
+        layers = model.layers
+        x, h = add_rms_norm(x, None, layers[0].input_layernorm, use_triton=use)
+        for i, (layer, proj) in enumerate(zip(layers, self.projections)):
+            attn, d = layer.self_attn, layer.self_attn.head_dim
+            q, k, v = proj.qkv(h).split(proj.qkv_sizes, dim=1)
+            q, k, v = q.view(total, -1, d), k.view(total, -1, d), v.view(total, -1, d)
+            q = rope_write_kv(q, k, v, cos, sin, self.k_cache[i], self.v_cache[i], slots, use_triton=use)
+            out = paged_attention(q, self.k_cache[i], self.v_cache[i], tables, seq_lens, starts, backend=self.attention_backend)
+            x, h = add_rms_norm(x, attn.o_proj(out.view(total, -1)), layer.post_attention_layernorm, use_triton=use)
+            gate, up = proj.gate_up(h).chunk(2, dim=1)
+            delta = layer.mlp.down_proj(silu_mul(gate, up, use_triton=use))
+            if i + 1 < len(layers):
+                x, h = add_rms_norm(x, delta, layers[i + 1].input_layernorm, use_triton=use)
+            else:
+                x = x + delta
+        return model.norm(x[last_rows])
+
     def decode_image(self, tokens: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
         """tokens [N, token_dim] -> uint8 [H, W, 3], exactly as the reference decodes."""
         return self.generator.decode(tokens[None], grid_h, grid_w)[0]
+
+
+class FusedProjections:
+    """One weight matrix for a layer's q, k, v projections and one for gate and up: two larger
+    matrix products instead of five. The layer's own parameters become views into these matrices
+    (the reference generator keeps working on them), so no memory is duplicated."""
+
+    def __init__(self, layer):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.qkv_weight, self.qkv_bias = self._join([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.qkv_sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
+        self.gate_up_weight, self.gate_up_bias = self._join([mlp.gate_proj, mlp.up_proj])
+
+    @staticmethod
+    def _join(linears):
+        weight = torch.cat([m.weight.detach() for m in linears])
+        has_bias = linears[0].bias is not None
+        bias = torch.cat([m.bias.detach() for m in linears]) if has_bias else None
+        start = 0
+        for m in linears:
+            end = start + m.out_features
+            m.weight = torch.nn.Parameter(weight[start:end], requires_grad=False)
+            if has_bias:
+                m.bias = torch.nn.Parameter(bias[start:end], requires_grad=False)
+            start = end
+        return weight, bias
+
+    def qkv(self, h):
+        return F.linear(h, self.qkv_weight, self.qkv_bias)
+
+    def gate_up(self, h):
+        return F.linear(h, self.gate_up_weight, self.gate_up_bias)
 
 
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 384, 512)

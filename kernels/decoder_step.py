@@ -1,0 +1,154 @@
+"""Fused pieces of a decoder layer for the engine's backbone step, each next to its torch reference.
+
+Eager PyTorch spends ~35 small kernels per layer on the glue between the matrix products
+(RMSNorm alone is six, rotary embedding ten, the cache write two), about a third of a one-image
+decode step on an H200. Here each piece is one kernel:
+- add_rms_norm: the residual add and the next RMSNorm,
+- rope_write_kv: rotary embedding of q and k, k and v stored in the paged cache,
+- silu_mul: the MLP's SiLU(gate) * up.
+Each rounds to the model's dtype where the eager code does, so the rotary embedding and the cache
+write are bit-identical to it; the norm and SiLU may differ in the last bit (reduction order,
+exp). The references are the model's own modules and functions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from model.rope import apply_rotary
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the references still work without triton
+    triton = None
+
+# ---------------------------------------------------------------------------------------------
+# torch references
+
+
+def add_rms_norm_reference(x, delta, norm):
+    """x (+ delta): [T, hidden]; norm: the model's RMSNorm -> (new residual stream, its norm)."""
+    if delta is not None:
+        x = x + delta
+    return x, norm(x)
+
+
+def rope_write_kv_reference(q, k, v, cos, sin, k_cache, v_cache, slots):
+    """q: [T, H, d]; k, v: [T, KV, d]; cos, sin: [T, d] -> rotated q [T, H, d]; rotated k and v
+    stored at slots (int64 [T]) of the caches [num_blocks, block_size, KV, d]."""
+    q = apply_rotary(q.transpose(0, 1)[None], cos[None], sin[None])[0].transpose(0, 1)
+    k = apply_rotary(k.transpose(0, 1)[None], cos[None], sin[None])[0].transpose(0, 1)
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v
+    return q.contiguous()
+
+
+def silu_mul_reference(gate, up):
+    return F.silu(gate) * up
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, x_out_ptr, h_ptr, D, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < D
+        x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0)
+        if HAS_DELTA:  # rounded to the model's dtype, like x + delta
+            x = (x.to(tl.float32) + tl.load(delta_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+            tl.store(x_out_ptr + row * D + cols, x, mask=mask)
+        x32 = x.to(tl.float32)
+        normed = (x32 / tl.sqrt(tl.sum(x32 * x32, axis=0) / D + eps)).to(x.dtype)
+        h = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) * normed.to(tl.float32)
+        tl.store(h_ptr + row * D + cols, h.to(h_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rope_write_kv_kernel(
+        q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
+        stride_q, stride_k, stride_v, stride_cos, H: tl.constexpr, KV: tl.constexpr, DIM: tl.constexpr,
+    ):  # fmt: skip
+        t = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1)
+        i = tl.arange(0, DIM)
+        partner = (i + DIM // 2) % DIM  # rotate_half: [-x2, x1]
+        cos = tl.load(cos_ptr + t * stride_cos + i).to(tl.float32)
+        sin = tl.load(sin_ptr + t * stride_cos + i).to(tl.float32)
+        if head < H:
+            src = q_ptr + t * stride_q + head * DIM
+            dst = q_out_ptr + (t * H + head) * DIM
+        else:
+            slot = tl.load(slots_ptr + t)
+            src = k_ptr + t * stride_k + (head - H) * DIM
+            dst = k_cache_ptr + (slot * KV + head - H) * DIM
+            tl.store(v_cache_ptr + (slot * KV + head - H) * DIM + i, tl.load(v_ptr + t * stride_v + (head - H) * DIM + i))
+        x = tl.load(src + i)
+        rotated = tl.load(src + partner).to(tl.float32)
+        rotated = tl.where(i < DIM // 2, -rotated, rotated)
+        # x * cos + rotate_half(x) * sin with each product rounded, as eager PyTorch computes it
+        out = (x.to(tl.float32) * cos).to(x.dtype).to(tl.float32) + (rotated * sin).to(x.dtype).to(tl.float32)
+        tl.store(dst + i, out.to(x.dtype))
+
+    @triton.jit
+    def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, N, stride_g, stride_u, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < N
+        g = tl.load(gate_ptr + row * stride_g + cols, mask=mask, other=0.0)
+        u = tl.load(up_ptr + row * stride_u + cols, mask=mask, other=0.0)
+        g32 = g.to(tl.float32)
+        silu = (g32 / (1.0 + tl.exp(-g32))).to(g.dtype)
+        tl.store(out_ptr + row * N + cols, (silu.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatchers: Triton on CUDA (or under TRITON_INTERPRET=1 when forced), the references otherwise
+
+
+def _use_triton(t: torch.Tensor, force: bool | None) -> bool:
+    if force is not None:
+        return force and triton is not None
+    return triton is not None and t.is_cuda
+
+
+def add_rms_norm(x, delta, norm, use_triton=None):
+    """See add_rms_norm_reference; x, delta contiguous [T, hidden]."""
+    if not _use_triton(x, use_triton):
+        return add_rms_norm_reference(x, delta, norm)
+    rows, d = x.shape
+    h = torch.empty_like(x)
+    x_out = torch.empty_like(x) if delta is not None else x
+    _add_rms_norm_kernel[(rows,)](
+        x, delta if delta is not None else x, norm.weight, x_out, h, d, norm.eps,
+        HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(d), num_warps=8,
+    )  # fmt: skip
+    return x_out, h
+
+
+def rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots, use_triton=None):
+    """See rope_write_kv_reference; q, k, v may be row-strided views (the head dims contiguous)."""
+    tokens, heads, dim = q.shape
+    if not _use_triton(q, use_triton) or dim & (dim - 1):  # the kernel spans a power-of-two head
+        return rope_write_kv_reference(q, k, v, cos, sin, k_cache, v_cache, slots)
+    kv_heads = k.shape[1]
+    q_out = torch.empty(tokens, heads, dim, device=q.device, dtype=q.dtype)
+    _rope_write_kv_kernel[(tokens, heads + kv_heads)](
+        q, k, v, cos, sin, q_out, k_cache, v_cache, slots,
+        q.stride(0), k.stride(0), v.stride(0), cos.stride(0), H=heads, KV=kv_heads, DIM=dim,
+    )  # fmt: skip
+    return q_out
+
+
+def silu_mul(gate, up, use_triton=None):
+    if not _use_triton(gate, use_triton):
+        return silu_mul_reference(gate, up)
+    rows, n = gate.shape
+    out = torch.empty(rows, n, device=gate.device, dtype=gate.dtype)
+    block = 1024
+    _silu_mul_kernel[(rows, triton.cdiv(n, block))](gate, up, out, n, gate.stride(0), up.stride(0), BLOCK=block)
+    return out

@@ -1,0 +1,95 @@
+"""The fused decoder-step kernels (Triton under TRITON_INTERPRET=1 on CPU) against the model's own
+modules, and the engine with them against the reference generator."""
+
+import pytest
+import torch
+
+from kernels.decoder_step import (
+    add_rms_norm,
+    add_rms_norm_reference,
+    rope_write_kv,
+    rope_write_kv_reference,
+    silu_mul,
+    silu_mul_reference,
+)
+from model.decoder import RMSNorm
+from model.rope import RotaryEmbedding
+
+pytest.importorskip("triton")
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def same(got, want, dtype):
+    """float32: bit-identical. bfloat16: Triton's interpreter truncates float32 -> bfloat16 where
+    GPUs round to nearest, so only closeness can be checked on CPU (bench/gpu_check.py checks
+    identity on the GPU)."""
+    return torch.equal(got, want) if dtype == torch.float32 else rel(got, want) < 1e-2
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_add_rms_norm_matches_the_model_norm(dtype, tol, with_delta):
+    norm = RMSNorm(96, 1e-6).to(dtype)
+    norm.weight.data.normal_(1, 0.2)
+    x = (torch.randn(5, 96) * 3).to(dtype)
+    delta = torch.randn(5, 96).to(dtype) if with_delta else None
+    x_got, h_got = add_rms_norm(x, delta, norm, use_triton=True)
+    x_want, h_want = add_rms_norm_reference(x, delta, norm)
+    assert same(x_got, x_want, dtype)  # the residual add rounds as x + delta
+    assert rel(h_got, h_want) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_write_kv_matches_the_model_rotary_and_cache_write(dtype):
+    tokens, heads, kv_heads, dim, blocks, block_size = 6, 4, 2, 32, 5, 4
+    rotary = RotaryEmbedding(dim, 10000.0, None, 4096)
+    cos, sin = rotary.cos_sin(torch.randint(0, 500, (tokens,)), dtype)
+    fused = torch.randn(tokens, (heads + 2 * kv_heads) * dim).to(dtype)  # strided views, as from a QKV product
+    q = fused[:, : heads * dim].view(tokens, heads, dim)
+    k = fused[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim)
+    v = fused[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim)
+    slots = torch.randperm(blocks * block_size)[:tokens]
+    caches = [torch.randn(blocks, block_size, kv_heads, dim).to(dtype) for _ in range(2)]
+    caches += [c.clone() for c in caches]
+    got = rope_write_kv(q, k, v, cos, sin, caches[0], caches[1], slots, use_triton=True)
+    want = rope_write_kv_reference(q, k, v, cos, sin, caches[2], caches[3], slots)
+    assert same(got, want, dtype)
+    assert same(caches[0], caches[2], dtype) and torch.equal(caches[1], caches[3])  # v is copied as is
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_silu_mul_matches_reference(dtype, tol):
+    gate, up = torch.randn(3, 2500).to(dtype), torch.randn(3, 2500).to(dtype)
+    assert rel(silu_mul(gate, up, use_triton=True), silu_mul_reference(gate, up)) < tol
+
+
+def test_engine_with_fused_backbone_matches_the_reference_generator():
+    from model.bundle import load_bundle
+    from server.engine.engine import BatchedEngine, EngineConfig
+    from server.engine.events import EngineRequest
+    from tests.test_engine import edit, t2i
+
+    bundle = load_bundle("tiny", seed=0)
+    generator = bundle.reference_generator()
+    specs = [EngineRequest("cfg", t2i(n=2, seed=2, num_steps=2)), EngineRequest("edit", edit("red", seed=3, num_steps=2))]
+    engine = BatchedEngine(bundle, lambda e: None, EngineConfig(fused_backbone=True, max_batched_tokens=24))
+    tokens = {}
+    accept = engine._accept_token
+
+    def record(image, token):
+        accept(image, token)
+        if image.done:
+            tokens[(image.request.request_id, image.index)] = torch.stack(image.tokens)
+
+    engine._accept_token = record
+    for spec in specs:
+        engine.add_request(spec)
+    while engine.has_work():
+        engine.step()
+    for spec in specs:
+        want = generator.generate(spec.request).tokens
+        for i in range(spec.request.n):
+            assert rel(tokens[(spec.request_id, i)], want[i]) < 1e-4, spec.request_id
