@@ -22,6 +22,7 @@ from dataclasses import replace
 
 import torch
 
+from bench.head_bench import parse_variant
 from kernels import fused_head
 from model.bundle import load_bundle
 from model.generate import DTYPES, parse_size
@@ -189,9 +190,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--modulation-gemm", choices=fused_head.MODULATION_GEMMS, default=fused_head.MODULATION_GEMM,
                    help="backend of the fused head's adaLN GEMM")  # fmt: skip
     p.add_argument("--profile-steps", type=int, default=0, help=f"profile this many steps from step {PROFILE_FROM_STEP} (GPU)")
+    p.add_argument("--head-setting", action="append", default=[], metavar="NAME=VALUE,...",
+                   help="kernels.fused_head settings for this run, e.g. CUBLAS_BLOCKS_MIN_ROWS=256")  # fmt: skip
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     fused_head.MODULATION_GEMM = args.modulation_gemm
+    for text in args.head_setting:
+        for name, value in parse_variant(text).items():
+            setattr(fused_head, name, value)
 
     bundle = load_bundle(args.model, device=args.device, dtype=DTYPES[args.dtype])
     args.family = bundle.config.family

@@ -108,7 +108,14 @@ def check_decoder_step(results: dict) -> None:
     caches += [c.clone() for c in caches]
     got = ds.rope_write_kv(q, k, v, cos, sin, caches[0], caches[1], slots)
     want = ds.rope_write_kv_reference(q, k, v, cos, sin, caches[2], caches[3], slots)
-    out = {"rope_q_identical": torch.equal(got, want), "rope_cache_identical": all(torch.equal(caches[i], caches[i + 2]) for i in (0, 1))}
+    out = {
+        "rope_q_identical": torch.equal(got, want),
+        "rope_q_identical_fraction": (got == want).float().mean().item(),
+        "rope_q_max_abs_diff": (got.float() - want.float()).abs().max().item(),
+        "rope_q_rel_error": ((got.float() - want.float()).norm() / want.float().norm()).item(),
+        "rope_k_cache_identical_fraction": (caches[0] == caches[2]).float().mean().item(),
+        "rope_v_cache_identical": torch.equal(caches[1], caches[3]),
+    }
     norm = RMSNorm(hidden, 1e-6).to(**bf16)
     norm.weight.data.normal_(1, 0.1)
     x, delta = torch.randn(tokens, hidden, **bf16), torch.randn(tokens, hidden, **bf16)

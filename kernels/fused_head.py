@@ -23,16 +23,21 @@ except ImportError:  # the references still work without triton
     triton = None
 
 # tile and pipeline of the GEMM kernel by row count (the best of bench/head_bench.py --sweep on an
-# H200 with the adaLN GEMM on cuBLAS, bench/results/head_sweep_cublas_h200_2026-11-29.json);
-# LINEAR_CONFIG, when set, overrides both
+# H200, bench/results/head_sweep2_h200_2026-11-29.json); LINEAR_CONFIG, when set, overrides them
+TINY_M_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
 SMALL_M_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
 LARGE_M_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
+TINY_M = 16  # rows up to which TINY_M_CONFIG is used
 LARGE_M = 256  # rows above which LARGE_M_CONFIG is used
 LINEAR_CONFIG: dict = {}  # may also set BLOCK_M
 # The adaLN GEMM (every block's modulation at once: 55% of the head's weights and FLOPs) has no
 # epilogue to fuse, so it may run on cuBLAS instead of the Triton kernel.
 MODULATION_GEMMS = ("triton", "cublas")
 MODULATION_GEMM = "cublas"  # H200: 18.5 vs 21.6 ms per token at 256 rows, 24.4 vs 31.3 at 512
+# From this many rows the residual blocks' products run on cuBLAS too, their epilogues (SiLU,
+# gate * u + residual) as separate elementwise kernels: more launches, but cuBLAS's larger tiles
+# re-read the rows less than the Triton kernel's small ones.
+CUBLAS_BLOCKS_MIN_ROWS = 1 << 30
 
 # The adaLN modulations depend on the step's time and the token's condition only, never on x, so
 # they are computed for several steps in one GEMM of about this many rows (weights read once per
@@ -201,7 +206,7 @@ def linear(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residual=None, ro
     m = rows or x_rows
     n = weight.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    config = LINEAR_CONFIG or (SMALL_M_CONFIG if m <= LARGE_M else LARGE_M_CONFIG)
+    config = LINEAR_CONFIG or (TINY_M_CONFIG if m <= TINY_M else SMALL_M_CONFIG if m <= LARGE_M else LARGE_M_CONFIG)
     block_m = config.get("BLOCK_M") or (64 if m > 32 else (32 if m > 16 else 16))
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, config["BLOCK_N"]))
     gate_t = gate if gate is not None else out
@@ -295,12 +300,18 @@ class FusedHead:
         is x's row r % B under condition r) -> velocity [R, token_dim] float32."""
         net, d, use = self.net, self.width, self.use_triton
         rows = mod.shape[0]
+        on_cublas = rows >= CUBLAS_BLOCKS_MIN_ROWS and _use_triton(x, use)
         h = linear(x.to(self.mod_weight.dtype), net.input_proj.weight, net.input_proj.bias, rows=rows, use_triton=use)
         for j, block in enumerate(net.res_blocks):
             shift, scale, gate = mod[:, 3 * d * j :].split(d, dim=1)[:3]
             u = ln_modulate(h, shift, scale, block.in_ln.weight, block.in_ln.bias, use_triton=use)
-            u = linear(u, block.mlp[0].weight, block.mlp[0].bias, EPILOGUE_BIAS_SILU, use_triton=use)
-            h = linear(u, block.mlp[2].weight, block.mlp[2].bias, EPILOGUE_GATED_RESIDUAL, gate, h, use_triton=use)
+            first, second = block.mlp[0], block.mlp[2]
+            if on_cublas:
+                u = F.silu(torch.addmm(first.bias, u, first.weight.t()), inplace=True)
+                h = torch.addcmul(h, gate, torch.addmm(second.bias, u, second.weight.t()))
+            else:
+                u = linear(u, first.weight, first.bias, EPILOGUE_BIAS_SILU, use_triton=use)
+                h = linear(u, second.weight, second.bias, EPILOGUE_GATED_RESIDUAL, gate, h, use_triton=use)
         shift, scale = mod[:, 3 * d * len(net.res_blocks) :].split(d, dim=1)
         u = ln_modulate(h, shift, scale, use_triton=use)
         return linear(u, net.final_layer.linear.weight, net.final_layer.linear.bias, use_triton=use).float()

@@ -117,9 +117,11 @@ def test_update_coefficients_reproduce_the_step_functions(sampler, shift):
         torch.testing.assert_close(a * x + b * v + c * z, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("cublas_blocks", [False, True])
 @pytest.mark.parametrize("modulation_gemm", fused_head.MODULATION_GEMMS)
-def test_fused_velocity_matches_the_head_module(modulation_gemm, monkeypatch):
+def test_fused_velocity_matches_the_head_module(modulation_gemm, cublas_blocks, monkeypatch):
     monkeypatch.setattr(fused_head, "MODULATION_GEMM", modulation_gemm)
+    monkeypatch.setattr(fused_head, "CUBLAS_BLOCKS_MIN_ROWS", 1 if cublas_blocks else 1 << 30)
     torch.manual_seed(0)
     head = FlowMatchingHead(token_dim=64, cond_dim=48, width=32, depth=3)
     for p in head.parameters():
