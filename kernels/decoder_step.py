@@ -6,9 +6,9 @@ decode step on an H200. Here each piece is one kernel:
 - add_rms_norm: the residual add and the next RMSNorm,
 - rope_write_kv: rotary embedding of q and k, k and v stored in the paged cache,
 - silu_mul: the MLP's SiLU(gate) * up.
-Each rounds to the model's dtype where the eager code does, so the rotary embedding and the cache
-write are bit-identical to it; the norm and SiLU may differ in the last bit (reduction order,
-exp). The references are the model's own modules and functions.
+Each rounds to the model's dtype where the eager code does, so the residual add, the rotary
+embedding and the cache write are bit-identical to it; the norm and SiLU may differ in the last
+bit (reduction order, exp). The references are the model's own modules and functions.
 """
 
 from __future__ import annotations
@@ -55,17 +55,29 @@ def silu_mul_reference(gate, up):
 if triton is not None:
 
     @triton.jit
+    def _round_to(v, DTYPE: tl.constexpr):
+        """float32 v rounded to DTYPE (nearest, ties to even) and widened back. For bfloat16 with
+        integer arithmetic: the compiler may drop a float32 -> bfloat16 -> float32 round trip
+        (seen on an H200), and Triton's interpreter truncates instead of rounding."""
+        if DTYPE == tl.bfloat16:
+            bits = v.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True)
+        else:
+            return v.to(DTYPE).to(tl.float32)
+
+    @triton.jit
     def _add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, x_out_ptr, h_ptr, D, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < D
         x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0)
-        if HAS_DELTA:  # rounded to the model's dtype, like x + delta
-            x = (x.to(tl.float32) + tl.load(delta_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
-            tl.store(x_out_ptr + row * D + cols, x, mask=mask)
         x32 = x.to(tl.float32)
-        normed = (x32 / tl.sqrt(tl.sum(x32 * x32, axis=0) / D + eps)).to(x.dtype)
-        h = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) * normed.to(tl.float32)
+        if HAS_DELTA:  # rounded to the model's dtype, like x + delta
+            x32 = _round_to(x32 + tl.load(delta_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32), x.dtype)
+            tl.store(x_out_ptr + row * D + cols, x32.to(x.dtype), mask=mask)
+        normed = _round_to(x32 / tl.sqrt(tl.sum(x32 * x32, axis=0) / D + eps), x.dtype)
+        h = _round_to(tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) * normed, x.dtype)
         tl.store(h_ptr + row * D + cols, h.to(h_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -91,8 +103,8 @@ if triton is not None:
         rotated = tl.load(src + partner).to(tl.float32)
         rotated = tl.where(i < DIM // 2, -rotated, rotated)
         # x * cos + rotate_half(x) * sin with each product rounded, as eager PyTorch computes it
-        out = (x.to(tl.float32) * cos).to(x.dtype).to(tl.float32) + (rotated * sin).to(x.dtype).to(tl.float32)
-        tl.store(dst + i, out.to(x.dtype))
+        out = _round_to(x.to(tl.float32) * cos, x.dtype) + _round_to(rotated * sin, x.dtype)
+        tl.store(dst + i, _round_to(out, x.dtype).to(x.dtype))
 
     @triton.jit
     def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, N, stride_g, stride_u, BLOCK: tl.constexpr):
@@ -102,8 +114,8 @@ if triton is not None:
         g = tl.load(gate_ptr + row * stride_g + cols, mask=mask, other=0.0)
         u = tl.load(up_ptr + row * stride_u + cols, mask=mask, other=0.0)
         g32 = g.to(tl.float32)
-        silu = (g32 / (1.0 + tl.exp(-g32))).to(g.dtype)
-        tl.store(out_ptr + row * N + cols, (silu.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=mask)
+        silu = _round_to(g32 / (1.0 + tl.exp(-g32)), g.dtype)
+        tl.store(out_ptr + row * N + cols, _round_to(silu * u.to(tl.float32), g.dtype).to(g.dtype), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
