@@ -86,7 +86,7 @@ def parse_variant(text: str) -> dict:
     for item in text.split(","):
         name, value = item.split("=")
         current = getattr(fused_head, name)  # only existing settings
-        settings[name] = type(current)(value)
+        settings[name] = value.lower() in ("1", "true") if isinstance(current, bool) else type(current)(value)
     return settings
 
 
