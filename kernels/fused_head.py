@@ -21,17 +21,13 @@ try:
     from triton.language.random import pair_uniform_to_normal, uint_to_uniform_float
 except ImportError:  # the references still work without triton
     triton = None
-try:
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-except ImportError:  # a triton without programmatic dependent launch
-    gdc_wait = gdc_launch_dependents = None
 
 # tile and pipeline of the GEMM kernel by row count (the best of bench/head_bench.py --sweep on an
 # H200, bench/results/head_sweep2_h200_2026-11-29.json); LINEAR_CONFIG, when set, overrides them
 TINY_M_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
 SMALL_M_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
 LARGE_M_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
-TINY_M = 16  # rows up to which TINY_M_CONFIG (or the small-row kernel) is used
+TINY_M = 16  # rows up to which TINY_M_CONFIG is used
 LARGE_M = 256  # rows above which LARGE_M_CONFIG is used
 LINEAR_CONFIG: dict = {}  # may also set BLOCK_M
 # The adaLN GEMM (every block's modulation at once: 55% of the head's weights and FLOPs) has no
@@ -43,13 +39,6 @@ MODULATION_GEMM = "cublas"  # H200: 18.5 vs 21.6 ms per token at 256 rows, 24.4 
 # re-read the rows less than the Triton kernel's small ones. H200, ms per token: 512 rows 22.6 vs
 # 22.9 (engine at 256 images: 4.16 vs 4.08 images/s); 256 rows 17.3 vs 16.2.
 CUBLAS_BLOCKS_MIN_ROWS = 512
-# Up to TINY_M rows (a few images), a step is ~40 dependent launches that each stream a few MB of
-# weights: latency-bound. The small-row kernel loads its whole weight slice before waiting for the
-# previous kernel (programmatic dependent launch on Hopper), so weight streaming overlaps the chain.
-SMALL_ROW_KERNEL = True
-SMALL_ROW_CHUNK = 512  # K per weight chunk (at most four chunks)
-SMALL_ROW_WARPS = 8
-PDL = gdc_wait is not None  # launch the head's kernels as programmatic dependents (CUDA only)
 
 # The adaLN modulations depend on the step's time and the token's condition only, never on x, so
 # they are computed for several steps in one GEMM of about this many rows (weights read once per
@@ -141,65 +130,10 @@ if triton is not None:
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _weight_chunk(w_ptr, rn, k0, N, K, stride_wn, CHUNK: tl.constexpr):
-        rk = k0 + tl.arange(0, CHUNK)
-        return tl.load(w_ptr + rn[None, :] * stride_wn + rk[:, None], mask=(rn[None, :] < N) & (rk[:, None] < K), other=0.0)
-
-    @triton.jit
-    def _row_chunk(x_ptr, rm, M, X_ROWS, stride_xm, k0, K, dtype: tl.constexpr, CHUNK: tl.constexpr):
-        rk = k0 + tl.arange(0, CHUNK)
-        mask = (rm[:, None] < M) & (rk[None, :] < K)
-        return tl.load(x_ptr + (rm % X_ROWS)[:, None] * stride_xm + rk[None, :], mask=mask, other=0.0).to(dtype)
-
-    @triton.jit
-    def _small_linear_kernel(
-        x_ptr, w_ptr, b_ptr, out_ptr, gate_ptr, res_ptr,
-        M, N, K, X_ROWS, stride_xm, stride_wn, stride_om, stride_gm, stride_rm,
-        CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr, EPILOGUE: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
-    ):  # fmt: skip
-        """_linear_kernel for at most BLOCK_M rows and K <= 4 * CHUNK: one program per column tile,
-        its whole weight slice loaded (in up to four chunks) before the previous kernel's output."""
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        # the weights never depend on the previous kernel: load them while it still runs
-        w0 = _weight_chunk(w_ptr, rn, 0, N, K, stride_wn, CHUNK)
-        if NUM_CHUNKS > 1:
-            w1 = _weight_chunk(w_ptr, rn, CHUNK, N, K, stride_wn, CHUNK)
-        if NUM_CHUNKS > 2:
-            w2 = _weight_chunk(w_ptr, rn, 2 * CHUNK, N, K, stride_wn, CHUNK)
-        if NUM_CHUNKS > 3:
-            w3 = _weight_chunk(w_ptr, rn, 3 * CHUNK, N, K, stride_wn, CHUNK)
-        bias = tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
-        if PDL:
-            gdc_wait()
-            gdc_launch_dependents()
-        rm = tl.arange(0, BLOCK_M)
-        dtype = w_ptr.dtype.element_ty
-        acc = tl.dot(_row_chunk(x_ptr, rm, M, X_ROWS, stride_xm, 0, K, dtype, CHUNK), w0, input_precision=PRECISION)
-        if NUM_CHUNKS > 1:
-            acc = tl.dot(_row_chunk(x_ptr, rm, M, X_ROWS, stride_xm, CHUNK, K, dtype, CHUNK), w1, acc, input_precision=PRECISION)
-        if NUM_CHUNKS > 2:
-            acc = tl.dot(_row_chunk(x_ptr, rm, M, X_ROWS, stride_xm, 2 * CHUNK, K, dtype, CHUNK), w2, acc, input_precision=PRECISION)
-        if NUM_CHUNKS > 3:
-            acc = tl.dot(_row_chunk(x_ptr, rm, M, X_ROWS, stride_xm, 3 * CHUNK, K, dtype, CHUNK), w3, acc, input_precision=PRECISION)
-        acc += bias[None, :]
-        mask = (rm[:, None] < M) & (rn[None, :] < N)
-        if EPILOGUE == 1:
-            acc = acc / (1.0 + tl.exp(-acc))
-        if EPILOGUE == 2:
-            gate = tl.load(gate_ptr + rm[:, None] * stride_gm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-            res = tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-            acc = res + gate * acc
-        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
     def _ln_modulate_kernel(
         h_ptr, shift_ptr, scale_ptr, w_ptr, b_ptr, out_ptr, D, stride_h, stride_mod, stride_o, eps,
-        AFFINE: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+        AFFINE: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        if PDL:
-            gdc_wait()
-            gdc_launch_dependents()
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
@@ -220,11 +154,8 @@ if triton is not None:
     def _guided_update_kernel(
         v_ptr, x_ptr, out_ptr, cfg_ptr, cfg_img_ptr, rescale_ptr, seed_ptr, image_ptr, token_ptr,
         B, step, a, b, c,
-        SLOTS: tl.constexpr, HAS_V: tl.constexpr, DIM: tl.constexpr, PDL: tl.constexpr,
+        SLOTS: tl.constexpr, HAS_V: tl.constexpr, DIM: tl.constexpr,
     ):  # fmt: skip
-        if PDL:
-            gdc_wait()
-            gdc_launch_dependents()
         row = tl.program_id(0)
         # the row's DIM numbers as a [DIM/4, 4] tile: element 4j+m is normal m of philox counter j
         j = tl.arange(0, DIM // 4)
@@ -269,12 +200,6 @@ def _use_triton(t: torch.Tensor, force: bool | None) -> bool:
     return triton is not None and t.is_cuda
 
 
-def _pdl(t: torch.Tensor) -> dict:
-    """Launch options and kernel flag for programmatic dependent launch (Hopper GPUs only)."""
-    on = PDL and t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
-    return {"PDL": on, **({"launch_pdl": True} if on else {})}
-
-
 def linear(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residual=None, rows=None, use_triton=None):
     """See linear_reference; x, weight row-major with unit stride in the last dim."""
     if not _use_triton(x, use_triton):
@@ -286,15 +211,6 @@ def linear(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residual=None, ro
     gate_t = gate if gate is not None else out
     res_t = residual if residual is not None else out
     precision = "ieee" if weight.dtype == torch.float32 else "tf32"  # float32 stays float32 (no tf32 rounding)
-    chunk = min(SMALL_ROW_CHUNK, max(16, triton.next_power_of_2(k)))
-    if SMALL_ROW_KERNEL and not LINEAR_CONFIG and m <= TINY_M and k <= 4 * chunk:
-        _small_linear_kernel[(triton.cdiv(n, 16),)](
-            x, weight, bias, out, gate_t, res_t, m, n, k, x_rows,
-            x.stride(0), weight.stride(0), out.stride(0), gate_t.stride(0), res_t.stride(0),
-            CHUNK=chunk, NUM_CHUNKS=triton.cdiv(k, chunk), EPILOGUE=epilogue, BLOCK_M=16, BLOCK_N=16,
-            PRECISION=precision, num_warps=SMALL_ROW_WARPS, **_pdl(x),
-        )  # fmt: skip
-        return out
     config = LINEAR_CONFIG or (TINY_M_CONFIG if m <= TINY_M else SMALL_M_CONFIG if m <= LARGE_M else LARGE_M_CONFIG)
     block_m = config.get("BLOCK_M") or (64 if m > 32 else (32 if m > 16 else 16))
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, config["BLOCK_N"]))
@@ -317,7 +233,7 @@ def ln_modulate(h, shift, scale, weight=None, bias=None, eps=LN_EPS, use_triton=
     _ln_modulate_kernel[(rows,)](
         h, shift, scale, weight if affine else h, bias if affine else h, out, d,
         h.stride(0), shift.stride(0), out.stride(0), eps,
-        AFFINE=affine, BLOCK_D=triton.next_power_of_2(d), **_pdl(h),
+        AFFINE=affine, BLOCK_D=triton.next_power_of_2(d),
     )  # fmt: skip
     return out
 
@@ -343,7 +259,7 @@ def guided_update(v, x, cfg, cfg_img, rescale, seed, image, token, step, a, b, c
     _guided_update_kernel[(rows,)](
         v if v is not None else x, x, out, cfg, cfg_img, rescale, seed, image, token,
         rows, step, float(a), float(b), float(c),
-        SLOTS=slots, HAS_V=v is not None, DIM=dim, **_pdl(x),
+        SLOTS=slots, HAS_V=v is not None, DIM=dim,
     )  # fmt: skip
     return out
 
