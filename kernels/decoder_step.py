@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.dispatch import runs_triton
+
 from model.rope import apply_rotary
 
 try:
@@ -122,15 +124,9 @@ if triton is not None:
 # dispatchers: Triton on CUDA (or under TRITON_INTERPRET=1 when forced), the references otherwise
 
 
-def _use_triton(t: torch.Tensor, force: bool | None) -> bool:
-    if force is not None:
-        return force and triton is not None
-    return triton is not None and t.is_cuda
-
-
 def add_rms_norm(x, delta, norm, use_triton=None):
     """See add_rms_norm_reference; x, delta contiguous [T, hidden]."""
-    if not _use_triton(x, use_triton):
+    if not runs_triton(x, use_triton):
         return add_rms_norm_reference(x, delta, norm)
     rows, d = x.shape
     h = torch.empty_like(x)
@@ -145,7 +141,7 @@ def add_rms_norm(x, delta, norm, use_triton=None):
 def rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots, use_triton=None):
     """See rope_write_kv_reference; q, k, v may be row-strided views (the head dims contiguous)."""
     tokens, heads, dim = q.shape
-    if not _use_triton(q, use_triton) or dim & (dim - 1):  # the kernel spans a power-of-two head
+    if not runs_triton(q, use_triton) or dim & (dim - 1):  # the kernel spans a power-of-two head
         return rope_write_kv_reference(q, k, v, cos, sin, k_cache, v_cache, slots)
     kv_heads = k.shape[1]
     q_out = torch.empty(tokens, heads, dim, device=q.device, dtype=q.dtype)
@@ -157,7 +153,7 @@ def rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots, use_triton=None):
 
 
 def silu_mul(gate, up, use_triton=None):
-    if not _use_triton(gate, use_triton):
+    if not runs_triton(gate, use_triton):
         return silu_mul_reference(gate, up)
     rows, n = gate.shape
     out = torch.empty(rows, n, device=gate.device, dtype=gate.dtype)

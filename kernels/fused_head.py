@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.dispatch import runs_triton
+
 try:
     import triton
     import triton.language as tl
@@ -194,15 +196,9 @@ if triton is not None:
 # dispatchers: Triton on CUDA (or under TRITON_INTERPRET=1 when forced), the references otherwise
 
 
-def _use_triton(t: torch.Tensor, force: bool | None) -> bool:
-    if force is not None:
-        return force and triton is not None
-    return triton is not None and t.is_cuda
-
-
 def linear(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residual=None, rows=None, use_triton=None):
     """See linear_reference; x, weight row-major with unit stride in the last dim."""
-    if not _use_triton(x, use_triton):
+    if not runs_triton(x, use_triton):
         return linear_reference(x, weight, bias, epilogue, gate, residual, rows)
     x_rows, k = x.shape
     m = rows or x_rows
@@ -225,7 +221,7 @@ def linear(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residual=None, ro
 
 def ln_modulate(h, shift, scale, weight=None, bias=None, eps=LN_EPS, use_triton=None):
     """See ln_modulate_reference; shift and scale may be column slices of one modulation tensor."""
-    if not _use_triton(h, use_triton):
+    if not runs_triton(h, use_triton):
         return ln_modulate_reference(h, shift, scale, weight, bias, eps)
     rows, d = h.shape
     out = torch.empty_like(h)
@@ -244,7 +240,7 @@ def guided_update(v, x, cfg, cfg_img, rescale, seed, image, token, step, a, b, c
     v: [slots, B, D] or None (then x_new = c z: the initial noise); x: [B, D] float32; cfg, cfg_img:
     float32 [B]; rescale: bool [B]; seed, image, token: int64 [B]. Returns float32 [B, D].
     """
-    if not _use_triton(x, use_triton):
+    if not runs_triton(x, use_triton):
         from model.noise import philox_normal4
 
         blocks = torch.arange(x.shape[1] // 4, dtype=torch.int64, device=x.device)[None]
@@ -291,7 +287,7 @@ class FusedHead:
     def modulations(self, t_emb: torch.Tensor, cond_emb: torch.Tensor) -> torch.Tensor:
         """t_emb: [S, D] (S steps), cond_emb: [R, D] -> every block's adaLN output [S, R, (3 depth + 2) D]."""
         y = F.silu(t_emb[:, None] + cond_emb[None]).reshape(-1, self.width)
-        if MODULATION_GEMM == "cublas" and _use_triton(y, self.use_triton):
+        if MODULATION_GEMM == "cublas" and runs_triton(y, self.use_triton):
             mod = torch.addmm(self.mod_bias, y, self.mod_weight.t())
         else:
             mod = linear(y, self.mod_weight, self.mod_bias, use_triton=self.use_triton)
@@ -302,7 +298,7 @@ class FusedHead:
         is x's row r % B under condition r) -> velocity [R, token_dim] in the head's dtype."""
         net, d, use = self.net, self.width, self.use_triton
         rows = mod.shape[0]
-        on_cublas = rows >= CUBLAS_BLOCKS_MIN_ROWS and _use_triton(x, use)
+        on_cublas = rows >= CUBLAS_BLOCKS_MIN_ROWS and runs_triton(x, use)
         h = linear(x, net.input_proj.weight, net.input_proj.bias, rows=rows, use_triton=use)
         for j, block in enumerate(net.res_blocks):
             shift, scale, gate = mod[:, 3 * d * j :].split(d, dim=1)[:3]
