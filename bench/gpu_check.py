@@ -90,6 +90,51 @@ def check_attention(results: dict) -> None:
     results["attention"] = out
 
 
+def sweep_decode_attention(results: dict) -> None:
+    """Decode attention late in a 512x512 image at 256 images (512 sequences of 500-1100 keys):
+    time and bandwidth of the Triton kernel under key tiles, warps, stages and partition sizes."""
+    from kernels import paged_attention as pa
+
+    torch.manual_seed(0)
+    heads, kv_heads, d, block = 40, 8, 128, 16
+    seq_lens = torch.randint(500, 1100, (512,))
+    blocks_per_seq = (seq_lens + block - 1) // block
+    num_blocks = int(blocks_per_seq.sum()) + 8
+    perm = torch.randperm(num_blocks)
+    tables = torch.zeros(512, int(blocks_per_seq.max()), dtype=torch.int32)
+    used = 0
+    for i, nb in enumerate(blocks_per_seq.tolist()):
+        tables[i, :nb] = perm[used : used + nb]
+        used += nb
+    k_cache = torch.randn(num_blocks, block, kv_heads, d, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    q = torch.randn(512, heads, d, device="cuda", dtype=torch.bfloat16)
+    args = (q, k_cache, v_cache, tables.cuda(), seq_lens.to(torch.int32).cuda())
+    ref = pa.paged_decode_attention_triton(*args).float()  # the current defaults, checked against the reference below
+    starts = torch.arange(513, dtype=torch.int32, device="cuda")
+    exact = pa.paged_attention_reference(*args, starts).float()
+    gbytes = int(seq_lens.sum()) * kv_heads * d * 2 * 2 / 1e9
+    rows = [{"config": "default", "rel_error": ((ref - exact).norm() / exact.norm()).item()}]
+    configs = [dict(tile=t, num_warps=w, num_stages=st, partition=None) for t in (64, 128) for w in (4, 8) for st in (2, 3, 4)]
+    configs += [dict(tile=64, num_warps=4, num_stages=3, partition=p) for p in (256, 512, 1024)]
+    saved = pa._KEY_TILE
+    for c in configs:
+        try:
+            pa._KEY_TILE = c["tile"]
+            pa.DECODE_LAUNCH.update(num_warps=c["num_warps"], num_stages=c["num_stages"])
+            run = lambda: pa.paged_decode_attention_triton(*args, partition_size=c["partition"])  # noqa: E731
+            got = run().float()
+            ms = timed(run, repeat=20)
+            rows.append(dict(c, ms=ms, tb_per_s=gbytes / ms, rel_error=((got - exact).norm() / exact.norm()).item()))
+        except Exception as err:  # noqa: BLE001 - a config may not compile; report it
+            rows.append(dict(c, error=repr(err)[:200]))
+        finally:
+            pa._KEY_TILE = saved
+            pa.DECODE_LAUNCH.clear()
+        print("decode sweep", rows[-1], flush=True)
+    results["decode_attention_sweep"] = {"gbytes": gbytes, "rows": rows}
+
+
 def check_decoder_step(results: dict) -> None:
     from kernels import decoder_step as ds
     from model.decoder import RMSNorm
@@ -167,11 +212,16 @@ def check_engine_parity(results: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json")
-    p.add_argument("--skip", nargs="*", default=[], choices=["attention", "decoder_step", "parity"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["attention", "decoder_step", "parity", "decode_sweep"])
     args = p.parse_args()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     started = time.time()
-    checks = (("attention", check_attention), ("decoder_step", check_decoder_step), ("parity", check_engine_parity))
+    checks = (
+        ("attention", check_attention),
+        ("decode_sweep", sweep_decode_attention),
+        ("decoder_step", check_decoder_step),
+        ("parity", check_engine_parity),
+    )
     for name, fn in checks:
         if name not in args.skip:
             try:

@@ -39,6 +39,7 @@ _PREFILL_ROWS = 64  # (query, head) rows per prefill program
 _MIN_DECODE_ROWS = 16  # tl.dot needs at least 16 rows
 _MIN_PARTITION = 256  # fewest keys worth a split-K program of its own
 _DECODE_PROGRAMS = 512  # enough decode programs to fill an H200's 132 SMs a few times over
+DECODE_LAUNCH: dict = {}  # num_warps / num_stages of the decode kernel (bench/gpu_check.py --sweeps them)
 
 
 class PagedAttentionError(ValueError):
@@ -282,6 +283,7 @@ def paged_decode_attention_triton(
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, ROWS=max(_MIN_DECODE_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=k_cache.shape[1], KEY_TILE=_KEY_TILE, SPLIT=split, DOT_PRECISION=_dot_precision(q),
+        **DECODE_LAUNCH,
     )  # fmt: skip
     if split:
         _reduce_partitions_kernel[(num_seqs, heads)](
