@@ -63,28 +63,9 @@ def test_silu_mul_matches_reference(dtype, tol):
 
 def test_engine_with_fused_backbone_matches_the_reference_generator():
     from model.bundle import load_bundle
-    from server.engine.engine import BatchedEngine, EngineConfig
+    from server.engine.engine import EngineConfig
     from server.engine.events import EngineRequest
-    from tests.test_engine import edit, t2i
+    from tests.test_engine import assert_tokens_close_to_reference, edit, t2i
 
-    bundle = load_bundle("tiny", seed=0)
-    generator = bundle.reference_generator()
     specs = [EngineRequest("cfg", t2i(n=2, seed=2, num_steps=2)), EngineRequest("edit", edit("red", seed=3, num_steps=2))]
-    engine = BatchedEngine(bundle, lambda e: None, EngineConfig(fused_backbone=True, max_batched_tokens=24))
-    tokens = {}
-    accept = engine._accept_token
-
-    def record(image, token):
-        accept(image, token)
-        if image.done:
-            tokens[(image.request.request_id, image.index)] = torch.stack(image.tokens)
-
-    engine._accept_token = record
-    for spec in specs:
-        engine.add_request(spec)
-    while engine.has_work():
-        engine.step()
-    for spec in specs:
-        want = generator.generate(spec.request).tokens
-        for i in range(spec.request.n):
-            assert rel(tokens[(spec.request_id, i)], want[i]) < 1e-4, spec.request_id
+    assert_tokens_close_to_reference(load_bundle("tiny", seed=0), specs, EngineConfig(fused_backbone=True, max_batched_tokens=24))

@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from model.bundle import load_bundle
@@ -88,6 +89,31 @@ def assert_matches_reference(collector, specs, reference):
         assert sorted(done[spec.request_id]) == list(range(spec.request.n)), spec.request_id
         for i in range(spec.request.n):
             np.testing.assert_array_equal(done[spec.request_id][i], expected[i], err_msg=f"{spec.request_id}[{i}]")
+
+
+def assert_tokens_close_to_reference(bundle, specs, config, tolerance=1e-4):
+    """Run specs through an engine with config; every image's tokens within tolerance (relative)
+    of the reference generator's (for the Triton paths, whose rounding differs from the reference)."""
+    engine = BatchedEngine(bundle, lambda e: None, config)
+    tokens = {}
+    accept = engine._accept_token
+
+    def record(image, token):
+        accept(image, token)
+        if image.done:
+            tokens[(image.request.request_id, image.index)] = torch.stack(image.tokens)
+
+    engine._accept_token = record
+    for spec in specs:
+        engine.add_request(spec)
+    while engine.has_work():
+        engine.step()
+    generator = bundle.reference_generator()
+    for spec in specs:
+        want = generator.generate(spec.request).tokens
+        for i in range(spec.request.n):
+            got = tokens[(spec.request_id, i)]
+            assert ((got - want[i]).norm() / want[i].norm()).item() < tolerance, spec.request_id
 
 
 def assert_all_blocks_free(engine):

@@ -140,32 +140,13 @@ def test_fused_velocity_matches_the_head_module(modulation_gemm, cublas_blocks, 
 def test_fused_engine_matches_the_reference_generator(chunk_rows, monkeypatch):
     monkeypatch.setattr(fused_head, "MODULATION_CHUNK_ROWS", chunk_rows)  # modulations step by step, or all steps at once
     from model.bundle import load_bundle
-    from server.engine.engine import BatchedEngine, EngineConfig
-    from server.engine.events import EngineRequest, ImageDone
-    from tests.test_engine import edit, t2i
+    from server.engine.engine import EngineConfig
+    from server.engine.events import EngineRequest
+    from tests.test_engine import assert_tokens_close_to_reference, edit, t2i
 
-    bundle = load_bundle("tiny", seed=0)
-    generator = bundle.reference_generator()
     specs = [
         EngineRequest("cfg", t2i(n=2, rescale_guidance=True, seed=2, num_steps=3)),
         EngineRequest("edit", edit("red", seed=3, num_steps=3)),
         EngineRequest("sde", t2i(sampler="sde", use_norm=False, seed=4, num_steps=3)),
     ]
-    tokens = {}
-    engine = BatchedEngine(bundle, lambda e: None, EngineConfig(fused_head=True))
-    accept = engine._accept_token
-
-    def record(image, token):
-        accept(image, token)
-        if image.done:
-            tokens[(image.request.request_id, image.index)] = torch.stack(image.tokens)
-
-    engine._accept_token = record
-    for spec in specs:
-        engine.add_request(spec)
-    while engine.has_work():
-        engine.step()
-    for spec in specs:
-        want = generator.generate(spec.request).tokens
-        for i in range(spec.request.n):
-            assert rel(tokens[(spec.request_id, i)], want[i]) < 1e-4, spec.request_id
+    assert_tokens_close_to_reference(load_bundle("tiny", seed=0), specs, EngineConfig(fused_head=True))
