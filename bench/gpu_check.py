@@ -6,7 +6,8 @@
    against the reference on fresh random inputs (relative error), and its time.
 2. The decoder-step kernels at the real shapes (bf16) against the model's own modules: rotary
    embedding, cache write and residual add bit-identical, norms and SiLU relative error.
-3. Engine vs reference generator on the GPU (tiny preset, float32 and bfloat16): largest token
+3. Split-K head products at D=1536 against the reference, and repeat launches bit-identical.
+4. Engine vs reference generator on the GPU (tiny preset, float32 and bfloat16): largest token
    and pixel differences over a mixed batch.
 """
 
@@ -175,6 +176,41 @@ def check_decoder_step(results: dict) -> None:
     results["decoder_step"] = out
 
 
+def check_split_k(results: dict) -> None:
+    """Split-K head products at the real width: error against the reference on fresh inputs, and
+    bit-identical results over repeated launches (a race between K slices would move them)."""
+    from bench.head_bench import SWEEP
+    from kernels import fused_head as fh
+
+    torch.manual_seed(0)
+    d = 1536
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    counters = fh.new_tile_counters("cuda")
+    out = []
+    try:
+        for config in [c for c in SWEEP if c.get("SPLIT_K", 1) > 1]:
+            fh.LINEAR_CONFIG.clear()
+            fh.LINEAR_CONFIG.update(config)
+            for rows in (2, 256, 512):
+                worst, identical = 0.0, True
+                for _ in range(3):
+                    x, w, b = torch.randn(rows, d, **bf16), torch.randn(d, d, **bf16) * 0.03, torch.randn(d, **bf16)
+                    gate, res = torch.randn(rows, d, **bf16), torch.randn(rows, d, **bf16)
+                    want = fh.linear_reference(x, w, b, fh.EPILOGUE_GATED_RESIDUAL, gate, res).float()
+                    got = fh.linear(x, w, b, fh.EPILOGUE_GATED_RESIDUAL, gate, res, counters=counters, use_triton=True)
+                    worst = max(worst, ((got.float() - want).norm() / want.norm()).item())
+                    for _ in range(10):
+                        again = fh.linear(x, w, b, fh.EPILOGUE_GATED_RESIDUAL, gate, res, counters=counters,
+                                          use_triton=True)  # fmt: skip
+                        identical &= torch.equal(again, got)
+                out.append(dict(config, rows=rows, rel_error=worst, repeat_identical=identical,
+                                counters_rearmed=int(counters.abs().sum()) == 0))  # fmt: skip
+                print("split-K", out[-1], flush=True)
+    finally:
+        fh.LINEAR_CONFIG.clear()
+    results["split_k"] = out
+
+
 def check_engine_parity(results: dict) -> None:
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
@@ -212,7 +248,7 @@ def check_engine_parity(results: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json")
-    p.add_argument("--skip", nargs="*", default=[], choices=["attention", "decoder_step", "parity", "decode_sweep"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["attention", "decoder_step", "split_k", "parity", "decode_sweep"])
     args = p.parse_args()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     started = time.time()
@@ -220,6 +256,7 @@ def main() -> None:
         ("attention", check_attention),
         ("decode_sweep", sweep_decode_attention),
         ("decoder_step", check_decoder_step),
+        ("split_k", check_split_k),
         ("parity", check_engine_parity),
     )
     for name, fn in checks:
