@@ -137,8 +137,8 @@ PROFILE_FROM_STEP = 100  # past the prompts' prefill: steady decoding
 
 def profile_steps(engine: BatchedEngine, count: int) -> dict:
     """Run `count` engine steps under the torch profiler and the CUDA sync checker: wall time per
-    step, GPU kernel time per step (their ratio is how busy the host keeps the GPU), host-device
-    synchronisations, and the kernels by time."""
+    step, GPU kernel time per step (their ratio is how busy the host keeps the GPU), host time in
+    engine.step(), host-device synchronisations, and the kernels by time."""
     from torch.profiler import ProfilerActivity, profile
 
     from bench.head_bench import kernel_table
@@ -148,8 +148,11 @@ def profile_steps(engine: BatchedEngine, count: int) -> dict:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         started = time.perf_counter()
+        host = []
         for _ in range(count):
+            step_started = time.perf_counter()
             engine.step()
+            host.append(time.perf_counter() - step_started)
         torch.cuda.synchronize()
         wall = time.perf_counter() - started
         torch.cuda.set_sync_debug_mode("default")
@@ -158,6 +161,7 @@ def profile_steps(engine: BatchedEngine, count: int) -> dict:
     result = {
         "steps": count,
         "wall_ms_per_step": 1e3 * wall / count,
+        "host_ms_per_step": 1e3 * sum(host) / count,  # in engine.step(): near the wall time when the host is the bound
         "kernel_ms_per_step": kernel_ms / count,
         "syncs": len(syncs),
         "sync_sites": sorted({str(w.message)[:160] for w in syncs})[:5],
@@ -165,7 +169,7 @@ def profile_steps(engine: BatchedEngine, count: int) -> dict:
     }
     print(
         f"  profile of {count} steps: {result['wall_ms_per_step']:.2f} ms wall, {result['kernel_ms_per_step']:.2f} ms "
-        f"of kernels per step, {len(syncs)} syncs",
+        f"of kernels, {result['host_ms_per_step']:.2f} ms in engine.step() per step, {len(syncs)} syncs",
         flush=True,
     )
     for k in kernels[:15]:

@@ -7,7 +7,8 @@
 2. The decoder-step kernels at the real shapes (bf16) against the model's own modules: rotary
    embedding, cache write and residual add bit-identical, norms and SiLU relative error.
 3. Split-K head products at D=1536 against the reference, and repeat launches bit-identical.
-4. Engine vs reference generator on the GPU (tiny preset, float32 and bfloat16): largest token
+4. The persistent head evaluation at the real size against the per-layer kernels, repeats identical.
+5. Engine vs reference generator on the GPU (tiny preset, float32 and bfloat16): largest token
    and pixel differences over a mixed batch.
 """
 
@@ -211,6 +212,43 @@ def check_split_k(results: dict) -> None:
     results["split_k"] = out
 
 
+def check_head_step(results: dict) -> None:
+    """The persistent head evaluation (kernels/head_step.py) at the real size, bf16, against the
+    per-layer kernels on fresh inputs; repeated launches bit-identical (a barrier race would move them)."""
+    from bench.head_bench import HeadOnly
+    from kernels import fused_head as fh
+
+    torch.manual_seed(0)
+    model = HeadOnly().to("cuda", torch.bfloat16)
+    for param in model.parameters():
+        param.data.normal_(0, 0.02)
+    fused = fh.FusedHead(model.image_head.net, use_triton=True)
+    out = []
+    saved = fh.PERSISTENT_MAX_ROWS
+    try:
+        for rows in (2, 3, 4, 8, 16):
+            images = 1 if rows == 3 else rows // 2
+            worst, identical = 0.0, True
+            for _ in range(3):
+                x = torch.randn(images, 64, device="cuda")
+                cond = torch.randn(rows, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+                t_emb = fused.time_embedding(torch.rand(1, device="cuda"))
+                mod = fused.modulations(t_emb, fused.cond_embedding(cond))[0]
+                fh.PERSISTENT_MAX_ROWS = 0
+                want = fused.velocity(x, mod).float()
+                fh.PERSISTENT_MAX_ROWS = 64
+                got = fused.velocity(x, mod)
+                worst = max(worst, ((got.float() - want).norm() / want.norm()).item())
+                for _ in range(20):
+                    identical &= torch.equal(fused.velocity(x, mod), got)
+            out.append({"rows": rows, "rel_error_vs_per_layer": worst, "repeat_identical": identical,
+                        "barrier_rearmed": int(fused.step_weights.sync[0]) == 0})  # fmt: skip
+            print("head step", out[-1], flush=True)
+    finally:
+        fh.PERSISTENT_MAX_ROWS = saved
+    results["head_step"] = out
+
+
 def check_engine_parity(results: dict) -> None:
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
@@ -248,7 +286,7 @@ def check_engine_parity(results: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json")
-    p.add_argument("--skip", nargs="*", default=[], choices=["attention", "decoder_step", "split_k", "parity", "decode_sweep"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["attention", "decoder_step", "split_k", "head_step", "parity", "decode_sweep"])
     args = p.parse_args()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     started = time.time()
@@ -257,6 +295,7 @@ def main() -> None:
         ("decode_sweep", sweep_decode_attention),
         ("decoder_step", check_decoder_step),
         ("split_k", check_split_k),
+        ("head_step", check_head_step),
         ("parity", check_engine_parity),
     )
     for name, fn in checks:

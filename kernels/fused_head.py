@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.dispatch import runs_triton
+from kernels.head_step import HeadStepWeights
 
 try:
     import triton
@@ -41,6 +42,10 @@ MODULATION_GEMM = "cublas"  # H200: 18.5 vs 21.6 ms per token at 256 rows, 24.4 
 # re-read the rows less than the Triton kernel's small ones. H200, ms per token: 512 rows 22.6 vs
 # 22.9 (engine at 256 images: 4.16 vs 4.08 images/s); 256 rows 17.3 vs 16.2.
 CUBLAS_BLOCKS_MIN_ROWS = 512
+
+# Up to this many rows a head evaluation is one persistent launch (kernels/head_step.py) instead of
+# a launch per layer.
+PERSISTENT_MAX_ROWS = 8
 
 # The adaLN modulations depend on the step's time and the token's condition only, never on x, so
 # they are computed for several steps in one GEMM of about this many rows (weights read once per
@@ -315,6 +320,7 @@ class FusedHead:
         self.mod_weight = torch.cat([m.weight for m in modulations]).contiguous()
         self.mod_bias = torch.cat([m.bias for m in modulations]).contiguous()
         self.tile_counters = new_tile_counters(self.mod_weight.device)  # for split-K products, one at a time
+        self.step_weights = HeadStepWeights(net)
 
     def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
         """t: [S] -> [S, D] (t_emb of each step's time; the same for every row)."""
@@ -338,6 +344,8 @@ class FusedHead:
         is x's row r % B under condition r) -> velocity [R, token_dim] in the head's dtype."""
         net, d, use = self.net, self.width, self.use_triton
         rows = mod.shape[0]
+        if rows <= PERSISTENT_MAX_ROWS and runs_triton(x, use):
+            return self.step_weights.velocity(x, mod, LN_EPS)
         on_cublas = rows >= CUBLAS_BLOCKS_MIN_ROWS and runs_triton(x, use)
         counters = self.tile_counters
         h = linear(x, net.input_proj.weight, net.input_proj.bias, rows=rows, use_triton=use)

@@ -142,15 +142,16 @@ def test_update_coefficients_reproduce_the_step_functions(sampler, shift):
         torch.testing.assert_close(a * x + b * v + c * z, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("blocks", ["triton", "triton-split-k", "cublas"])
+@pytest.mark.parametrize("blocks", ["persistent", "triton", "triton-split-k", "cublas"])
 @pytest.mark.parametrize("modulation_gemm", fused_head.MODULATION_GEMMS)
 def test_fused_velocity_matches_the_head_module(modulation_gemm, blocks, monkeypatch):
     monkeypatch.setattr(fused_head, "MODULATION_GEMM", modulation_gemm)
+    monkeypatch.setattr(fused_head, "PERSISTENT_MAX_ROWS", 64 if blocks == "persistent" else 0)
     monkeypatch.setattr(fused_head, "CUBLAS_BLOCKS_MIN_ROWS", 1 if blocks == "cublas" else 1 << 30)
     if blocks == "triton-split-k":
-        monkeypatch.setattr(fused_head, "LINEAR_CONFIG", dict(SPLIT_CONFIG, BLOCK_K=16, SPLIT_K=2))  # K = 32: 2 slices
+        monkeypatch.setattr(fused_head, "LINEAR_CONFIG", dict(SPLIT_CONFIG, BLOCK_K=16, SPLIT_K=2))  # K = 48: slices of 32 and 16
     torch.manual_seed(0)
-    head = FlowMatchingHead(token_dim=64, cond_dim=48, width=32, depth=3)
+    head = FlowMatchingHead(token_dim=64, cond_dim=48, width=48, depth=3)  # not a power of two: masked columns
     for p in head.parameters():
         p.data.normal_(0, 0.3)
     fused = FusedHead(head.net, use_triton=True)
