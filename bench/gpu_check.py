@@ -244,9 +244,60 @@ def check_head_step(results: dict) -> None:
             out.append({"rows": rows, "rel_error_vs_per_layer": worst, "repeat_identical": identical,
                         "barrier_rearmed": int(fused.step_weights.sync[0]) == 0})  # fmt: skip
             print("head step", out[-1], flush=True)
+        results["head_step_timing"] = time_head_step_variants(fused)
     finally:
         fh.PERSISTENT_MAX_ROWS = saved
     results["head_step"] = out
+
+
+def _last_compiled_resources(jit_fn) -> dict:
+    """Registers and spills of the most recently compiled specialisation of a Triton kernel."""
+    try:
+        caches = jit_fn.device_caches  # triton 3.x: device -> (kernel cache, ...)
+        kernels = list(next(iter(caches.values()))[0].values())
+        k = kernels[-1]
+        return {"n_regs": k.n_regs, "n_spills": k.n_spills}
+    except Exception as err:  # noqa: BLE001 - diagnostics only
+        return {"resources_error": repr(err)[:80]}
+
+
+def time_head_step_variants(fused) -> list[dict]:
+    """us per head evaluation (a graph of 50, as in one token's sampling) by launch shape and rows;
+    'per_layer_launches' runs the same kernel once per layer, without barriers."""
+    from kernels import fused_head as fh
+    from kernels import head_step as hs
+
+    defaults = (hs.BLOCK_N, hs.NUM_WARPS, hs.resident_at_once)
+    variants = [("default", {}), ("per_layer_launches", {"resident_at_once": lambda device, programs: False}),
+                ("warps4", {"NUM_WARPS": 4}), ("warps16", {"NUM_WARPS": 16}),
+                ("block_n32_warps16", {"BLOCK_N": 32, "NUM_WARPS": 16})]  # fmt: skip
+    out = []
+    fh.PERSISTENT_MAX_ROWS = 64
+    try:
+        for name, settings in variants:
+            for attr, value in settings.items():
+                setattr(hs, attr, value)
+            for rows in (2, 4, 8):
+                x = torch.randn(rows // 2, 64, device="cuda")
+                cond = torch.randn(rows, 5120, device="cuda", dtype=torch.bfloat16)
+                t_emb = fused.time_embedding(torch.rand(50, device="cuda"))
+                mods = fused.modulations(t_emb, fused.cond_embedding(cond))
+
+                def loop():
+                    for i in range(50):
+                        fused.velocity(x, mods[i])
+
+                from bench.head_bench import graphed
+
+                graph, _ = graphed(loop)
+                us = timed(graph.replay) * 1e3 / 50
+                regs = _last_compiled_resources(hs._head_velocity_kernel)
+                out.append({"variant": name, "rows": rows, "us_per_evaluation": us, **regs})
+                print(f"head step {name:20s} rows {rows:2d}: {us:7.1f} us per evaluation {regs}", flush=True)
+            hs.BLOCK_N, hs.NUM_WARPS, hs.resident_at_once = defaults
+    finally:
+        hs.BLOCK_N, hs.NUM_WARPS, hs.resident_at_once = defaults
+    return out
 
 
 def check_engine_parity(results: dict) -> None:
