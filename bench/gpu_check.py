@@ -269,8 +269,7 @@ def time_head_step_variants(fused) -> list[dict]:
 
     defaults = (hs.BLOCK_N, hs.NUM_WARPS, hs.resident_at_once)
     variants = [("default", {}), ("per_layer_launches", {"resident_at_once": lambda device, programs: False}),
-                ("warps4", {"NUM_WARPS": 4}), ("warps16", {"NUM_WARPS": 16}),
-                ("block_n32_warps16", {"BLOCK_N": 32, "NUM_WARPS": 16})]  # fmt: skip
+                ("warps4", {"NUM_WARPS": 4}), ("warps16", {"NUM_WARPS": 16}), ("block_n32", {"BLOCK_N": 32})]
     out = []
     fh.PERSISTENT_MAX_ROWS = 64
     try:

@@ -23,6 +23,7 @@ except ImportError:
 
 BLOCK_N = 16  # output columns per program: 96 programs at width 1536 (all resident on an H200)
 NUM_WARPS = 8
+PRODUCT_TILE = 8192  # rows x BLOCK_N x BLOCK_K products accumulated per step of K (32 float32 per thread)
 
 if triton is not None:
 
@@ -44,77 +45,119 @@ if triton is not None:
         tl.debug_barrier()
 
     @triton.jit
-    def _modulated_norm(h_ptr, mod_ptr, ln_w, ln_b, k, kmask, shift_col, D: tl.constexpr, eps, AFFINE: tl.constexpr):
-        """LayerNorm(h row) * (1 + scale) + shift over the row's D columns, rounded to h's dtype."""
-        h = tl.load(h_ptr + k, mask=kmask, other=0.0, cache_modifier=".cg").to(tl.float32)
-        mean = tl.sum(h, axis=0) / D
-        centered = tl.where(kmask, h - mean, 0.0)
-        normed = centered / tl.sqrt(tl.sum(centered * centered, axis=0) / D + eps)
-        if AFFINE:
-            normed = normed * ln_w + ln_b
-        shift = tl.load(mod_ptr + shift_col + k, mask=kmask, other=0.0).to(tl.float32)
-        scale = tl.load(mod_ptr + shift_col + D + k, mask=kmask, other=0.0).to(tl.float32)
-        return (normed * (1.0 + scale) + shift).to(h_ptr.dtype.element_ty).to(tl.float32)
+    def _row_stats(stats_ptr, r, rmask, D: tl.constexpr, BLOCK_N: tl.constexpr, PARTS: tl.constexpr, eps):
+        """Mean and 1/std of each row of h from the per-column-block partials its producers left
+        (mean and sum of squared deviations of BLOCK_N columns each), combined like Chan et al."""
+        p = tl.arange(0, triton.next_power_of_2(PARTS))
+        pmask = rmask[:, None] & (p < PARTS)[None, :]
+        part = stats_ptr + (r[:, None] * PARTS + p[None, :]) * 2
+        part_mean = tl.load(part, mask=pmask, other=0.0, cache_modifier=".cg")
+        part_m2 = tl.load(part + 1, mask=pmask, other=0.0, cache_modifier=".cg")
+        count = tl.where(pmask, tl.minimum(D - p * BLOCK_N, BLOCK_N), 0).to(tl.float32)
+        mean = tl.sum(count * part_mean, axis=1) / D
+        deviation = part_mean - mean[:, None]
+        m2 = tl.sum(part_m2 + count * deviation * deviation, axis=1)
+        return mean, 1.0 / tl.sqrt(m2 / D + eps)
+
+    @triton.jit
+    def _store_rows(out_ptr, stats_ptr, acc, r, cols, rmask, cmask, pid, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                    PARTS: tl.constexpr):  # fmt: skip
+        """Store h's columns of this program, rounded to h's dtype, and their partial row statistics."""
+        mask = rmask[:, None] & cmask[None, :]
+        value = tl.where(mask, acc.to(out_ptr.dtype.element_ty).to(tl.float32), 0.0)
+        tl.store(out_ptr + r[:, None] * D + cols[None, :], value.to(out_ptr.dtype.element_ty), mask=mask)
+        count = tl.maximum(tl.minimum(D - pid * BLOCK_N, BLOCK_N), 1).to(tl.float32)
+        mean = tl.sum(value, axis=1) / count
+        deviation = tl.where(mask, value - mean[:, None], 0.0)
+        part = stats_ptr + (r * PARTS + pid) * 2
+        part_ok = rmask & (r * 0 + pid < PARTS)  # a program past the last column block has none
+        tl.store(part, mean, mask=part_ok)
+        tl.store(part + 1, tl.sum(deviation * deviation, axis=1), mask=part_ok)
+
+    @triton.jit
+    def _product(
+        in_ptr, w_ptr, mod_ptr, ln_w_ptr, ln_b_ptr, stride_mod, shift_col, mean, rstd, r, cols, rmask, nmask,
+        D: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr, AFFINE: tl.constexpr,
+    ):  # fmt: skip
+        """[rows, BLOCK_N] = input rows (or LayerNorm(rows) * (1 + scale) + shift, rounded to the rows'
+        dtype) @ w[cols]^T, in float32. Products are summed per lane over K and reduced once at the end."""
+        r3 = r[:, None, None]
+        n3 = cols[None, :, None]
+        rmask3 = rmask[:, None, None]
+        kk = tl.arange(0, BLOCK_K)[None, None, :]
+        acc = tl.zeros((r.shape[0], cols.shape[0], BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):
+            k = k0 + kk
+            kmask = k < D
+            w = tl.load(w_ptr + n3 * D + k, mask=nmask[None, :, None] & kmask, other=0.0).to(tl.float32)
+            m = rmask3 & kmask
+            u = tl.load(in_ptr + r3 * D + k, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)
+            if NORM:
+                u = (u - mean[:, None, None]) * rstd[:, None, None]
+                if AFFINE:
+                    u = u * tl.load(ln_w_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+                    u = u + tl.load(ln_b_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+                shift = tl.load(mod_ptr + r3 * stride_mod + shift_col + k, mask=m, other=0.0).to(tl.float32)
+                scale = tl.load(mod_ptr + r3 * stride_mod + shift_col + D + k, mask=m, other=0.0).to(tl.float32)
+                u = tl.where(m, (u * (1.0 + scale) + shift).to(in_ptr.dtype.element_ty).to(tl.float32), 0.0)
+            acc += u * w
+        return tl.sum(acc, axis=2)
 
     @triton.jit
     def _head_velocity_kernel(
         x_ptr, mod_ptr, w_in_ptr, b_in_ptr, w_ptr, b_ptr, ln_w_ptr, ln_b_ptr, w_out_ptr, b_out_ptr,
-        h_ptr, u_ptr, v_ptr, sync_ptr, X_ROWS, stride_mod, eps, first_phase, last_phase,
-        ROWS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, TOKEN_DIM: tl.constexpr,
-        DEPTH: tl.constexpr, BLOCK_N: tl.constexpr, GRID_SYNC: tl.constexpr,
+        h_ptr, u_ptr, v_ptr, stats_ptr, sync_ptr, X_ROWS, stride_mod, eps, first_phase, last_phase,
+        ROWS: tl.constexpr, D: tl.constexpr, TOKEN_DIM: tl.constexpr, DEPTH: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GRID_SYNC: tl.constexpr,
     ):  # fmt: skip
         # phases: 0 input projection; 1 + 2j block j's first product (LayerNorm, modulate, SiLU);
         # 2 + 2j its second (bias, gate, residual into h); 2 DEPTH + 1 the final layer
         pid = tl.program_id(0)
         programs = tl.num_programs(0)
+        PARTS: tl.constexpr = (D + BLOCK_N - 1) // BLOCK_N
+        r = tl.arange(0, triton.next_power_of_2(ROWS))
+        rmask = r < ROWS
         cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < D
-        k = tl.arange(0, BLOCK_D)
-        kmask = k < D
-        dtype = h_ptr.dtype.element_ty
         for phase in range(first_phase, last_phase):
+            if phase > first_phase and GRID_SYNC:
+                _grid_barrier(sync_ptr, programs)  # the previous phase's outputs are complete
             if phase == 0:
-                kin = tl.arange(0, TOKEN_DIM)
-                w = tl.load(w_in_ptr + cols[:, None] * TOKEN_DIM + kin[None, :], mask=cmask[:, None], other=0.0)
-                bias = tl.load(b_in_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-                for r in tl.static_range(ROWS):  # row r reads x's row r % X_ROWS (x repeated per guidance slot)
-                    xr = tl.load(x_ptr + (r % X_ROWS) * TOKEN_DIM + kin).to(dtype).to(tl.float32)
-                    acc = tl.sum(w.to(tl.float32) * xr[None, :], axis=1) + bias
-                    tl.store(h_ptr + r * D + cols, acc.to(dtype), mask=cmask)
+                k = tl.arange(0, TOKEN_DIM)
+                x = tl.load(x_ptr + (r % X_ROWS)[:, None] * TOKEN_DIM + k[None, :], mask=rmask[:, None], other=0.0)
+                x = x.to(w_in_ptr.dtype.element_ty).to(tl.float32)  # rounded as the per-layer GEMM's input
+                w = tl.load(w_in_ptr + cols[:, None] * TOKEN_DIM + k[None, :], mask=cmask[:, None], other=0.0)
+                acc = tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+                acc += tl.load(b_in_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                _store_rows(h_ptr, stats_ptr, acc, r, cols, rmask, cmask, pid, D, BLOCK_N, PARTS)
             elif phase <= 2 * DEPTH:
                 layer = phase - 1
                 j = layer // 2
-                # this phase's weights are requested before waiting for the previous phase
-                w = tl.load(w_ptr + layer * D * D + cols[:, None] * D + k[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
-                bias = tl.load(b_ptr + layer * D + cols, mask=cmask, other=0.0).to(tl.float32)
-                if GRID_SYNC:
-                    _grid_barrier(sync_ptr, programs)
+                bias = tl.load(b_ptr + layer * D + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
                 if layer % 2 == 0:
-                    ln_w = tl.load(ln_w_ptr + j * D + k, mask=kmask, other=0.0).to(tl.float32)
-                    ln_b = tl.load(ln_b_ptr + j * D + k, mask=kmask, other=0.0).to(tl.float32)
-                    for r in tl.static_range(ROWS):
-                        ur = _modulated_norm(h_ptr + r * D, mod_ptr + r * stride_mod, ln_w, ln_b, k, kmask, 3 * D * j, D, eps, True)
-                        acc = tl.sum(w.to(tl.float32) * ur[None, :], axis=1) + bias
-                        acc = acc / (1.0 + tl.exp(-acc))
-                        tl.store(u_ptr + r * D + cols, acc.to(dtype), mask=cmask)
+                    mean, rstd = _row_stats(stats_ptr, r, rmask, D, BLOCK_N, PARTS, eps)
+                    acc = _product(h_ptr, w_ptr + layer * D * D, mod_ptr, ln_w_ptr + j * D, ln_b_ptr + j * D,
+                                   stride_mod, 3 * D * j, mean, rstd, r, cols, rmask, cmask, D, BLOCK_K, True, True)  # fmt: skip
+                    acc += bias
+                    acc = acc / (1.0 + tl.exp(-acc))
+                    mask = rmask[:, None] & cmask[None, :]
+                    tl.store(u_ptr + r[:, None] * D + cols[None, :], acc.to(u_ptr.dtype.element_ty), mask=mask)
                 else:
-                    for r in tl.static_range(ROWS):
-                        ur = tl.load(u_ptr + r * D + k, mask=kmask, other=0.0, cache_modifier=".cg").to(tl.float32)
-                        acc = tl.sum(w.to(tl.float32) * ur[None, :], axis=1) + bias
-                        gate = tl.load(mod_ptr + r * stride_mod + 3 * D * j + 2 * D + cols, mask=cmask, other=0.0)
-                        res = tl.load(h_ptr + r * D + cols, mask=cmask, other=0.0, cache_modifier=".cg")
-                        tl.store(h_ptr + r * D + cols, (res.to(tl.float32) + gate.to(tl.float32) * acc).to(dtype), mask=cmask)
-            else:
-                if GRID_SYNC:
-                    _grid_barrier(sync_ptr, programs)
-                if pid * BLOCK_N < TOKEN_DIM:
-                    omask = cols < TOKEN_DIM
-                    w = tl.load(w_out_ptr + cols[:, None] * D + k[None, :], mask=omask[:, None] & kmask[None, :], other=0.0)
-                    bias = tl.load(b_out_ptr + cols, mask=omask, other=0.0).to(tl.float32)
-                    for r in tl.static_range(ROWS):
-                        ur = _modulated_norm(h_ptr + r * D, mod_ptr + r * stride_mod, 0.0, 0.0, k, kmask, 3 * D * DEPTH, D, eps, False)
-                        acc = tl.sum(w.to(tl.float32) * ur[None, :], axis=1) + bias
-                        tl.store(v_ptr + r * TOKEN_DIM + cols, acc.to(dtype), mask=omask)
+                    acc = _product(u_ptr, w_ptr + layer * D * D, mod_ptr, ln_w_ptr, ln_b_ptr, stride_mod, 0, 0.0, 0.0,
+                                   r, cols, rmask, cmask, D, BLOCK_K, False, False)  # fmt: skip
+                    mask = rmask[:, None] & cmask[None, :]
+                    gate = tl.load(mod_ptr + r[:, None] * stride_mod + 3 * D * j + 2 * D + cols[None, :], mask=mask, other=0.0)
+                    res = tl.load(h_ptr + r[:, None] * D + cols[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+                    acc = res.to(tl.float32) + gate.to(tl.float32) * (acc + bias)
+                    _store_rows(h_ptr, stats_ptr, acc, r, cols, rmask, cmask, pid, D, BLOCK_N, PARTS)
+            elif pid * BLOCK_N < TOKEN_DIM:
+                omask = cols < TOKEN_DIM
+                mean, rstd = _row_stats(stats_ptr, r, rmask, D, BLOCK_N, PARTS, eps)
+                acc = _product(h_ptr, w_out_ptr, mod_ptr, ln_w_ptr, ln_b_ptr, stride_mod, 3 * D * DEPTH, mean, rstd,
+                               r, cols, rmask, omask, D, BLOCK_K, True, False)  # fmt: skip
+                acc += tl.load(b_out_ptr + cols, mask=omask, other=0.0).to(tl.float32)[None, :]
+                mask = rmask[:, None] & omask[None, :]
+                tl.store(v_ptr + r[:, None] * TOKEN_DIM + cols[None, :], acc.to(v_ptr.dtype.element_ty), mask=mask)
 
 
 class HeadStepWeights:
@@ -141,16 +184,18 @@ class HeadStepWeights:
         token_dim = net.input_proj.weight.shape[1]
         h = torch.empty(rows, d, device=x.device, dtype=self.weight.dtype)
         u, v = torch.empty_like(h), torch.empty(rows, token_dim, device=x.device, dtype=h.dtype)
+        stats = torch.empty(rows, triton.cdiv(d, BLOCK_N), 2, device=x.device, dtype=torch.float32)
         programs = triton.cdiv(max(d, token_dim), BLOCK_N)
+        block_k = max(16, min(256, PRODUCT_TILE // (triton.next_power_of_2(rows) * BLOCK_N)))
         phases = 2 * self.depth + 2
         grid_sync = resident_at_once(x.device, programs)
         for first, last in [(0, phases)] if grid_sync else [(p, p + 1) for p in range(phases)]:
             _head_velocity_kernel[(programs,)](
                 x, mod, net.input_proj.weight, net.input_proj.bias, self.weight, self.bias, self.ln_weight,
-                self.ln_bias, net.final_layer.linear.weight, net.final_layer.linear.bias, h, u, v, self.sync,
+                self.ln_bias, net.final_layer.linear.weight, net.final_layer.linear.bias, h, u, v, stats, self.sync,
                 x.shape[0], mod.stride(0), eps, first, last,
-                ROWS=rows, D=d, BLOCK_D=triton.next_power_of_2(d), TOKEN_DIM=token_dim, DEPTH=self.depth,
-                BLOCK_N=BLOCK_N, GRID_SYNC=grid_sync, num_warps=NUM_WARPS,
+                ROWS=rows, D=d, TOKEN_DIM=token_dim, DEPTH=self.depth, BLOCK_N=BLOCK_N, BLOCK_K=block_k,
+                GRID_SYNC=grid_sync, num_warps=NUM_WARPS,
             )  # fmt: skip
         return v
 
