@@ -6,9 +6,7 @@
    against the reference on fresh random inputs (relative error), and its time.
 2. The decoder-step kernels at the real shapes (bf16) against the model's own modules: rotary
    embedding, cache write and residual add bit-identical, norms and SiLU relative error.
-3. Split-K head products at D=1536 against the reference, and repeat launches bit-identical.
-4. The persistent head evaluation at the real size against the per-layer kernels, repeats identical.
-5. Engine vs reference generator on the GPU (tiny preset, float32 and bfloat16): largest token
+3. Engine vs reference generator on the GPU (tiny preset, float32 and bfloat16): largest token
    and pixel differences over a mixed batch.
 """
 
@@ -177,128 +175,6 @@ def check_decoder_step(results: dict) -> None:
     results["decoder_step"] = out
 
 
-def check_split_k(results: dict) -> None:
-    """Split-K head products at the real width: error against the reference on fresh inputs, and
-    bit-identical results over repeated launches (a race between K slices would move them)."""
-    from bench.head_bench import SWEEP
-    from kernels import fused_head as fh
-
-    torch.manual_seed(0)
-    d = 1536
-    bf16 = dict(device="cuda", dtype=torch.bfloat16)
-    counters = fh.new_tile_counters("cuda")
-    out = []
-    try:
-        for config in [c for c in SWEEP if c.get("SPLIT_K", 1) > 1]:
-            fh.LINEAR_CONFIG.clear()
-            fh.LINEAR_CONFIG.update(config)
-            for rows in (2, 256, 512):
-                worst, identical = 0.0, True
-                for _ in range(3):
-                    x, w, b = torch.randn(rows, d, **bf16), torch.randn(d, d, **bf16) * 0.03, torch.randn(d, **bf16)
-                    gate, res = torch.randn(rows, d, **bf16), torch.randn(rows, d, **bf16)
-                    want = fh.linear_reference(x, w, b, fh.EPILOGUE_GATED_RESIDUAL, gate, res).float()
-                    got = fh.linear(x, w, b, fh.EPILOGUE_GATED_RESIDUAL, gate, res, counters=counters, use_triton=True)
-                    worst = max(worst, ((got.float() - want).norm() / want.norm()).item())
-                    for _ in range(10):
-                        again = fh.linear(x, w, b, fh.EPILOGUE_GATED_RESIDUAL, gate, res, counters=counters,
-                                          use_triton=True)  # fmt: skip
-                        identical &= torch.equal(again, got)
-                out.append(dict(config, rows=rows, rel_error=worst, repeat_identical=identical,
-                                counters_rearmed=int(counters.abs().sum()) == 0))  # fmt: skip
-                print("split-K", out[-1], flush=True)
-    finally:
-        fh.LINEAR_CONFIG.clear()
-    results["split_k"] = out
-
-
-def check_head_step(results: dict) -> None:
-    """The persistent head evaluation (kernels/head_step.py) at the real size, bf16, against the
-    per-layer kernels on fresh inputs; repeated launches bit-identical (a barrier race would move them)."""
-    from bench.head_bench import HeadOnly
-    from kernels import fused_head as fh
-
-    torch.manual_seed(0)
-    model = HeadOnly().to("cuda", torch.bfloat16)
-    for param in model.parameters():
-        param.data.normal_(0, 0.02)
-    fused = fh.FusedHead(model.image_head.net, use_triton=True)
-    out = []
-    saved = fh.PERSISTENT_MAX_ROWS
-    try:
-        for rows in (2, 3, 4, 8, 16):
-            images = 1 if rows == 3 else rows // 2
-            worst, identical = 0.0, True
-            for _ in range(3):
-                x = torch.randn(images, 64, device="cuda")
-                cond = torch.randn(rows, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
-                t_emb = fused.time_embedding(torch.rand(1, device="cuda"))
-                mod = fused.modulations(t_emb, fused.cond_embedding(cond))[0]
-                fh.PERSISTENT_MAX_ROWS = 0
-                want = fused.velocity(x, mod).float()
-                fh.PERSISTENT_MAX_ROWS = 64
-                got = fused.velocity(x, mod)
-                worst = max(worst, ((got.float() - want).norm() / want.norm()).item())
-                for _ in range(20):
-                    identical &= torch.equal(fused.velocity(x, mod), got)
-            out.append({"rows": rows, "rel_error_vs_per_layer": worst, "repeat_identical": identical,
-                        "barrier_rearmed": int(fused.step_weights.sync[0]) == 0})  # fmt: skip
-            print("head step", out[-1], flush=True)
-        results["head_step_timing"] = time_head_step_variants(fused)
-    finally:
-        fh.PERSISTENT_MAX_ROWS = saved
-    results["head_step"] = out
-
-
-def _last_compiled_resources(jit_fn) -> dict:
-    """Registers and spills of the most recently compiled specialisation of a Triton kernel."""
-    try:
-        caches = jit_fn.device_caches  # triton 3.x: device -> (kernel cache, ...)
-        kernels = list(next(iter(caches.values()))[0].values())
-        k = kernels[-1]
-        return {"n_regs": k.n_regs, "n_spills": k.n_spills}
-    except Exception as err:  # noqa: BLE001 - diagnostics only
-        return {"resources_error": repr(err)[:80]}
-
-
-def time_head_step_variants(fused) -> list[dict]:
-    """us per head evaluation (a graph of 50, as in one token's sampling) by launch shape and rows;
-    'per_layer_launches' runs the same kernel once per layer, without barriers."""
-    from kernels import fused_head as fh
-    from kernels import head_step as hs
-
-    defaults = (hs.BLOCK_N, hs.NUM_WARPS, hs.resident_at_once)
-    variants = [("default", {}), ("per_layer_launches", {"resident_at_once": lambda device, programs: False}),
-                ("warps4", {"NUM_WARPS": 4}), ("warps16", {"NUM_WARPS": 16}), ("block_n32", {"BLOCK_N": 32})]
-    out = []
-    fh.PERSISTENT_MAX_ROWS = 64
-    try:
-        for name, settings in variants:
-            for attr, value in settings.items():
-                setattr(hs, attr, value)
-            for rows in (2, 4, 8):
-                x = torch.randn(rows // 2, 64, device="cuda")
-                cond = torch.randn(rows, 5120, device="cuda", dtype=torch.bfloat16)
-                t_emb = fused.time_embedding(torch.rand(50, device="cuda"))
-                mods = fused.modulations(t_emb, fused.cond_embedding(cond))
-
-                def loop():
-                    for i in range(50):
-                        fused.velocity(x, mods[i])
-
-                from bench.head_bench import graphed
-
-                graph, _ = graphed(loop)
-                us = timed(graph.replay) * 1e3 / 50
-                regs = _last_compiled_resources(hs._head_velocity_kernel)
-                out.append({"variant": name, "rows": rows, "us_per_evaluation": us, **regs})
-                print(f"head step {name:20s} rows {rows:2d}: {us:7.1f} us per evaluation {regs}", flush=True)
-            hs.BLOCK_N, hs.NUM_WARPS, hs.resident_at_once = defaults
-    finally:
-        hs.BLOCK_N, hs.NUM_WARPS, hs.resident_at_once = defaults
-    return out
-
-
 def check_engine_parity(results: dict) -> None:
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
@@ -336,7 +212,7 @@ def check_engine_parity(results: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json")
-    p.add_argument("--skip", nargs="*", default=[], choices=["attention", "decoder_step", "split_k", "head_step", "parity", "decode_sweep"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["attention", "decoder_step", "parity", "decode_sweep"])
     args = p.parse_args()
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     started = time.time()
@@ -344,8 +220,6 @@ def main() -> None:
         ("attention", check_attention),
         ("decode_sweep", sweep_decode_attention),
         ("decoder_step", check_decoder_step),
-        ("split_k", check_split_k),
-        ("head_step", check_head_step),
         ("parity", check_engine_parity),
     )
     for name, fn in checks:

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from kernels.dispatch import runs_triton
-from kernels.head_step import HeadStepWeights
 
 try:
     import triton
@@ -32,7 +31,7 @@ SMALL_M_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4
 LARGE_M_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
 TINY_M = 16  # rows up to which TINY_M_CONFIG is used
 LARGE_M = 256  # rows above which LARGE_M_CONFIG is used
-LINEAR_CONFIG: dict = {}  # may also set BLOCK_M and SPLIT_K (slices of K summed by the last one)
+LINEAR_CONFIG: dict = {}  # may also set BLOCK_M
 # The adaLN GEMM (every block's modulation at once: 55% of the head's weights and FLOPs) has no
 # epilogue to fuse, so it may run on cuBLAS instead of the Triton kernel.
 MODULATION_GEMMS = ("triton", "cublas")
@@ -42,10 +41,6 @@ MODULATION_GEMM = "cublas"  # H200: 18.5 vs 21.6 ms per token at 256 rows, 24.4 
 # re-read the rows less than the Triton kernel's small ones. H200, ms per token: 512 rows 22.6 vs
 # 22.9 (engine at 256 images: 4.16 vs 4.08 images/s); 256 rows 17.3 vs 16.2.
 CUBLAS_BLOCKS_MIN_ROWS = 512
-
-# Up to this many rows a head evaluation is one persistent launch (kernels/head_step.py) instead of
-# a launch per layer.
-PERSISTENT_MAX_ROWS = 8
 
 # The adaLN modulations depend on the step's time and the token's condition only, never on x, so
 # they are computed for several steps in one GEMM of about this many rows (weights read once per
@@ -107,51 +102,34 @@ if triton is not None:
 
     @triton.jit
     def _linear_kernel(
-        x_ptr, w_ptr, b_ptr, out_ptr, gate_ptr, res_ptr, part_ptr, count_ptr,
-        M, N, K, X_ROWS, K_PER_SPLIT, stride_xm, stride_wn, stride_om, stride_gm, stride_rm,
+        x_ptr, w_ptr, b_ptr, out_ptr, gate_ptr, res_ptr,
+        M, N, K, X_ROWS, stride_xm, stride_wn, stride_om, stride_gm, stride_rm,
         EPILOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        SPLIT_K: tl.constexpr, PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):  # fmt: skip
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        pid_k = tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         row_ok = rm < M
-        mask = row_ok[:, None] & (rn[None, :] < N)
         x_rows = x_ptr + (rm % X_ROWS)[:, None] * stride_xm  # output row r reads input row r % X_ROWS
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        k_start = pid_k * K_PER_SPLIT
-        for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
+        for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             xmask = row_ok[:, None] & (kk[None, :] < K)
             xt = tl.load(x_rows + kk[None, :], mask=xmask, other=0.0).to(w_ptr.dtype.element_ty)
             wt = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0)
             acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
-        last = True
-        if SPLIT_K > 1:
-            # Each K slice leaves its partial sum; the tile's last slice to finish adds them up in
-            # slice order (deterministic) and runs the epilogue, then rearms the tile's counter.
-            parts = part_ptr + rm[:, None] * N + rn[None, :]
-            tl.store(parts + pid_k * M * N, acc, mask=mask)
-            tl.debug_barrier()  # every thread's partial is written before the arrival is counted
-            tile = pid_m * tl.num_programs(1) + pid_n
-            last = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1
-            if last:
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for s in range(SPLIT_K):
-                    acc += tl.load(parts + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
-                tl.atomic_xchg(count_ptr + tile, 0)
-        if last:
-            acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-            if EPILOGUE == 1:
-                acc = acc / (1.0 + tl.exp(-acc))
-            if EPILOGUE == 2:
-                gate = tl.load(gate_ptr + rm[:, None] * stride_gm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-                res = tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-                acc = res + gate * acc
-            tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        mask = row_ok[:, None] & (rn[None, :] < N)
+        if EPILOGUE == 1:
+            acc = acc / (1.0 + tl.exp(-acc))
+        if EPILOGUE == 2:
+            gate = tl.load(gate_ptr + rm[:, None] * stride_gm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+            res = tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+            acc = res + gate * acc
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _ln_modulate_kernel(
@@ -218,13 +196,8 @@ if triton is not None:
 # dispatchers: Triton on CUDA (or under TRITON_INTERPRET=1 when forced), the references otherwise
 
 
-def linear(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residual=None, rows=None, counters=None,
-           use_triton=None):  # fmt: skip
-    """See linear_reference; x, weight row-major with unit stride in the last dim.
-
-    counters: int32 zeros, one per output tile (new_tile_counters), which the kernel leaves at zero;
-    without them the K dimension is never split. Two launches running at once must not share them.
-    """
+def linear(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residual=None, rows=None, use_triton=None):
+    """See linear_reference; x, weight row-major with unit stride in the last dim."""
     if not runs_triton(x, use_triton):
         return linear_reference(x, weight, bias, epilogue, gate, residual, rows)
     x_rows, k = x.shape
@@ -234,33 +207,16 @@ def linear(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residual=None, ro
     gate_t = gate if gate is not None else out
     res_t = residual if residual is not None else out
     precision = "ieee" if weight.dtype == torch.float32 else "tf32"  # float32 stays float32 (no tf32 rounding)
-    config = linear_config(m)
+    config = LINEAR_CONFIG or (TINY_M_CONFIG if m <= TINY_M else SMALL_M_CONFIG if m <= LARGE_M else LARGE_M_CONFIG)
     block_m = config.get("BLOCK_M") or (64 if m > 32 else (32 if m > 16 else 16))
-    block_n, block_k = config["BLOCK_N"], config["BLOCK_K"]
-    tiles = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    split_k = min(config.get("SPLIT_K", 1), triton.cdiv(k, block_k)) if counters is not None else 1
-    if split_k > 1 and tiles[0] * tiles[1] > counters.numel():
-        split_k = 1
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    split_k = triton.cdiv(k, k_per_split)  # no empty slices
-    partials = torch.empty(split_k, m, n, device=x.device, dtype=torch.float32) if split_k > 1 else out
-    _linear_kernel[(*tiles, split_k)](
-        x, weight, bias, out, gate_t, res_t, partials, counters if split_k > 1 else out, m, n, k, x_rows,
-        k_per_split, x.stride(0), weight.stride(0), out.stride(0), gate_t.stride(0), res_t.stride(0),
-        EPILOGUE=epilogue, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, config["BLOCK_N"]))
+    _linear_kernel[grid](
+        x, weight, bias, out, gate_t, res_t, m, n, k, x_rows,
+        x.stride(0), weight.stride(0), out.stride(0), gate_t.stride(0), res_t.stride(0),
+        EPILOGUE=epilogue, BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
         PRECISION=precision, num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
     return out
-
-
-def linear_config(rows: int) -> dict:
-    """The GEMM kernel's tiles for this many rows (LINEAR_CONFIG overrides)."""
-    return LINEAR_CONFIG or (TINY_M_CONFIG if rows <= TINY_M else SMALL_M_CONFIG if rows <= LARGE_M else LARGE_M_CONFIG)
-
-
-def new_tile_counters(device, tiles: int = 4096) -> torch.Tensor:
-    """Arrival counters for split-K GEMMs with up to `tiles` output tiles."""
-    return torch.zeros(tiles, device=device, dtype=torch.int32)
 
 
 def ln_modulate(h, shift, scale, weight=None, bias=None, eps=LN_EPS, use_triton=None):
@@ -319,8 +275,6 @@ class FusedHead:
         modulations = [block.adaLN_modulation[1] for block in net.res_blocks] + [net.final_layer.adaLN_modulation[1]]
         self.mod_weight = torch.cat([m.weight for m in modulations]).contiguous()
         self.mod_bias = torch.cat([m.bias for m in modulations]).contiguous()
-        self.tile_counters = new_tile_counters(self.mod_weight.device)  # for split-K products, one at a time
-        self.step_weights = HeadStepWeights(net)
 
     def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
         """t: [S] -> [S, D] (t_emb of each step's time; the same for every row)."""
@@ -344,10 +298,7 @@ class FusedHead:
         is x's row r % B under condition r) -> velocity [R, token_dim] in the head's dtype."""
         net, d, use = self.net, self.width, self.use_triton
         rows = mod.shape[0]
-        if rows <= PERSISTENT_MAX_ROWS and runs_triton(x, use):
-            return self.step_weights.velocity(x, mod, LN_EPS)
         on_cublas = rows >= CUBLAS_BLOCKS_MIN_ROWS and runs_triton(x, use)
-        counters = self.tile_counters
         h = linear(x, net.input_proj.weight, net.input_proj.bias, rows=rows, use_triton=use)
         for j, block in enumerate(net.res_blocks):
             shift, scale, gate = mod[:, 3 * d * j :].split(d, dim=1)[:3]
@@ -357,9 +308,8 @@ class FusedHead:
                 u = F.silu(torch.addmm(first.bias, u, first.weight.t()), inplace=True)
                 h = torch.addcmul(h, gate, torch.addmm(second.bias, u, second.weight.t()))
             else:
-                u = linear(u, first.weight, first.bias, EPILOGUE_BIAS_SILU, counters=counters, use_triton=use)
-                h = linear(u, second.weight, second.bias, EPILOGUE_GATED_RESIDUAL, gate, h, counters=counters,
-                           use_triton=use)  # fmt: skip
+                u = linear(u, first.weight, first.bias, EPILOGUE_BIAS_SILU, use_triton=use)
+                h = linear(u, second.weight, second.bias, EPILOGUE_GATED_RESIDUAL, gate, h, use_triton=use)
         shift, scale = mod[:, 3 * d * len(net.res_blocks) :].split(d, dim=1)
         u = ln_modulate(h, shift, scale, use_triton=use)
         return linear(u, net.final_layer.linear.weight, net.final_layer.linear.bias, use_triton=use)
