@@ -12,8 +12,6 @@ D = head width, token_dim = 64.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 
@@ -53,14 +51,6 @@ LN_EPS = 1e-6  # the head's LayerNorms
 EPILOGUE_BIAS = 0
 EPILOGUE_BIAS_SILU = 1
 EPILOGUE_GATED_RESIDUAL = 2  # out = residual + gate * (x @ W^T + b)
-NORM_NONE, NORM_PLAIN, NORM_AFFINE = 0, 1, 2  # the GEMM's input: as given, or LayerNorm (+ affine) + modulate
-
-# Up to this many rows the residual blocks' LayerNorm + modulate run inside the next GEMM, from row
-# statistics the GEMM that wrote h left behind (13 launches fewer per step). Above, the extra
-# shift/scale loads per tile cost more than a LayerNorm launch.
-NORM_IN_GEMM_MAX_ROWS = 16
-NORMED_GEMM_WARPS = 0  # warps and K tile of a GEMM that normalises its input (0: the row count's config)
-NORMED_GEMM_BLOCK_K = 0
 
 # ---------------------------------------------------------------------------------------------
 # torch references
@@ -112,11 +102,10 @@ if triton is not None:
 
     @triton.jit
     def _linear_kernel(
-        x_ptr, w_ptr, b_ptr, out_ptr, gate_ptr, res_ptr, stats_in_ptr, ln_w_ptr, ln_b_ptr, shift_ptr, scale_ptr,
-        stats_out_ptr, M, N, K, X_ROWS, IN_PARTS, IN_PART_COLS, stride_xm, stride_wn, stride_om, stride_gm,
-        stride_rm, stride_mod, eps,
+        x_ptr, w_ptr, b_ptr, out_ptr, gate_ptr, res_ptr,
+        M, N, K, X_ROWS, stride_xm, stride_wn, stride_om, stride_gm, stride_rm,
         EPILOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        NORM: tl.constexpr, IN_PARTS_P2: tl.constexpr, STATS: tl.constexpr, PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):  # fmt: skip
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -125,23 +114,11 @@ if triton is not None:
         rk = tl.arange(0, BLOCK_K)
         row_ok = rm < M
         x_rows = x_ptr + (rm % X_ROWS)[:, None] * stride_xm  # output row r reads input row r % X_ROWS
-        if NORM != 0:
-            mean, rstd = _combined_row_stats(stats_in_ptr, rm, row_ok, K, IN_PARTS, IN_PART_COLS, IN_PARTS_P2, eps)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             xmask = row_ok[:, None] & (kk[None, :] < K)
-            xt = tl.load(x_rows + kk[None, :], mask=xmask, other=0.0)
-            if NORM != 0:  # LayerNorm + modulate, rounded to x's dtype as ln_modulate's output is
-                normed = (xt.to(tl.float32) - mean[:, None]) * rstd[:, None]
-                if NORM == 2:
-                    normed = normed * tl.load(ln_w_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
-                    normed += tl.load(ln_b_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)[None, :]
-                mod_offsets = rm[:, None] * stride_mod + kk[None, :]
-                shift = tl.load(shift_ptr + mod_offsets, mask=xmask, other=0.0).to(tl.float32)
-                scale = tl.load(scale_ptr + mod_offsets, mask=xmask, other=0.0).to(tl.float32)
-                xt = tl.where(xmask, normed * (1.0 + scale) + shift, 0.0).to(x_ptr.dtype.element_ty)
-            xt = xt.to(w_ptr.dtype.element_ty)
+            xt = tl.load(x_rows + kk[None, :], mask=xmask, other=0.0).to(w_ptr.dtype.element_ty)
             wt = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0)
             acc = tl.dot(xt, wt, acc, input_precision=PRECISION)
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
@@ -152,31 +129,7 @@ if triton is not None:
             gate = tl.load(gate_ptr + rm[:, None] * stride_gm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
             res = tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
             acc = res + gate * acc
-        out = acc.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], out, mask=mask)
-        if STATS:  # this tile's share of each output row's statistics, from the rounded values
-            value = tl.where(mask, out.to(tl.float32), 0.0)
-            cols = tl.minimum(N - pid_n * BLOCK_N, BLOCK_N).to(tl.float32)
-            part_mean = tl.sum(value, axis=1) / cols
-            deviation = tl.where(mask, value - part_mean[:, None], 0.0)
-            part = stats_out_ptr + (rm * tl.num_programs(1) + pid_n) * 2
-            tl.store(part, part_mean, mask=row_ok)
-            tl.store(part + 1, tl.sum(deviation * deviation, axis=1), mask=row_ok)
-
-    @triton.jit
-    def _combined_row_stats(stats_ptr, rows, row_ok, K, PARTS, PART_COLS, PARTS_P2: tl.constexpr, eps):
-        """Mean and 1/sqrt(var + eps) of rows of K columns from per-column-block partials (mean and
-        sum of squared deviations of PART_COLS columns each), combined as Chan et al. do."""
-        p = tl.arange(0, PARTS_P2)
-        ok = row_ok[:, None] & (p < PARTS)[None, :]
-        part = stats_ptr + (rows[:, None] * PARTS + p[None, :]) * 2
-        part_mean = tl.load(part, mask=ok, other=0.0)
-        part_m2 = tl.load(part + 1, mask=ok, other=0.0)
-        count = tl.where(ok, tl.minimum(K - p * PART_COLS, PART_COLS)[None, :], 0).to(tl.float32)
-        mean = tl.sum(count * part_mean, axis=1) / K
-        deviation = part_mean - mean[:, None]
-        m2 = tl.sum(part_m2 + count * deviation * deviation, axis=1)
-        return mean, 1.0 / tl.sqrt(m2 / K + eps)
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _ln_modulate_kernel(
@@ -243,46 +196,10 @@ if triton is not None:
 # dispatchers: Triton on CUDA (or under TRITON_INTERPRET=1 when forced), the references otherwise
 
 
-class RowStats(NamedTuple):
-    """Per-row statistics of a GEMM's output as partials: [M, parts, 2] float32 holding the mean and
-    the sum of squared deviations of each block of part_cols columns."""
-
-    partials: torch.Tensor
-    part_cols: int
-
-
-class NormedInput(NamedTuple):
-    """A GEMM input to be used as LayerNorm(x) (affine when weight is given) * (1 + scale) + shift,
-    x's row statistics coming from the GEMM that wrote x."""
-
-    stats: RowStats
-    shift: torch.Tensor
-    scale: torch.Tensor
-    weight: torch.Tensor | None = None
-    bias: torch.Tensor | None = None
-
-
-def row_stats_reference(out: torch.Tensor, part_cols: int) -> RowStats:
-    parts = out.float().split(part_cols, dim=1)
-    means = torch.stack([p.mean(dim=1) for p in parts], dim=1)
-    m2 = torch.stack([((p - p.mean(dim=1, keepdim=True)) ** 2).sum(dim=1) for p in parts], dim=1)
-    return RowStats(torch.stack([means, m2], dim=-1), part_cols)
-
-
-def linear(
-    x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residual=None, rows=None, norm: NormedInput | None = None,
-    with_stats=False, use_triton=None,
-):  # fmt: skip
-    """See linear_reference; x, weight row-major with unit stride in the last dim.
-
-    norm: the input is LayerNorm(x) * (1 + scale) + shift (see ln_modulate_reference), computed as
-    the kernel loads x. with_stats: also return the output's RowStats, for a later norm.
-    """
+def linear(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residual=None, rows=None, use_triton=None):
+    """See linear_reference; x, weight row-major with unit stride in the last dim."""
     if not runs_triton(x, use_triton):
-        if norm is not None:
-            x = ln_modulate_reference(x, norm.shift, norm.scale, norm.weight, norm.bias)
-        out = linear_reference(x, weight, bias, epilogue, gate, residual, rows)
-        return (out, row_stats_reference(out, out.shape[1])) if with_stats else out
+        return linear_reference(x, weight, bias, epilogue, gate, residual, rows)
     x_rows, k = x.shape
     m = rows or x_rows
     n = weight.shape[0]
@@ -292,30 +209,14 @@ def linear(
     precision = "ieee" if weight.dtype == torch.float32 else "tf32"  # float32 stays float32 (no tf32 rounding)
     config = LINEAR_CONFIG or (TINY_M_CONFIG if m <= TINY_M else SMALL_M_CONFIG if m <= LARGE_M else LARGE_M_CONFIG)
     block_m = config.get("BLOCK_M") or (64 if m > 32 else (32 if m > 16 else 16))
-    block_k, warps = config["BLOCK_K"], config["num_warps"]
-    if norm is not None:  # the shift and scale tiles double the input side's registers
-        block_k, warps = NORMED_GEMM_BLOCK_K or block_k, NORMED_GEMM_WARPS or warps
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, config["BLOCK_N"]))
-    stats = RowStats(torch.empty(m, grid[1], 2, device=x.device, dtype=torch.float32) if with_stats else out,
-                     config["BLOCK_N"])  # fmt: skip
-    if norm is None:
-        norm_mode, stats_in, ln_w, ln_b, shift, scale = NORM_NONE, RowStats(out, 1), out, out, out, out
-    else:
-        assert m == x_rows, "a normalised input is not repeated"
-        norm_mode = NORM_PLAIN if norm.weight is None else NORM_AFFINE
-        stats_in, shift, scale = norm.stats, norm.shift, norm.scale
-        ln_w, ln_b = (norm.weight, norm.bias) if norm.weight is not None else (out, out)
-    in_parts = stats_in.partials.shape[1]
     _linear_kernel[grid](
-        x, weight, bias, out, gate_t, res_t, stats_in.partials, ln_w, ln_b, shift, scale,
-        stats.partials, m, n, k, x_rows, in_parts, stats_in.part_cols,
+        x, weight, bias, out, gate_t, res_t, m, n, k, x_rows,
         x.stride(0), weight.stride(0), out.stride(0), gate_t.stride(0), res_t.stride(0),
-        shift.stride(0), LN_EPS,
-        EPILOGUE=epilogue, BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"], BLOCK_K=block_k, NORM=norm_mode,
-        IN_PARTS_P2=triton.next_power_of_2(in_parts), STATS=with_stats, PRECISION=precision,
-        num_warps=warps, num_stages=config["num_stages"],
+        EPILOGUE=epilogue, BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
+        PRECISION=precision, num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
-    return (out, stats) if with_stats else out
+    return out
 
 
 def ln_modulate(h, shift, scale, weight=None, bias=None, eps=LN_EPS, use_triton=None):
@@ -398,18 +299,11 @@ class FusedHead:
         net, d, use = self.net, self.width, self.use_triton
         rows = mod.shape[0]
         on_cublas = rows >= CUBLAS_BLOCKS_MIN_ROWS and runs_triton(x, use)
-        norm_in_gemm = rows <= NORM_IN_GEMM_MAX_ROWS and not on_cublas
-        h, stats = linear(x, net.input_proj.weight, net.input_proj.bias, rows=rows, with_stats=True, use_triton=use)
+        h = linear(x, net.input_proj.weight, net.input_proj.bias, rows=rows, use_triton=use)
         for j, block in enumerate(net.res_blocks):
             shift, scale, gate = mod[:, 3 * d * j :].split(d, dim=1)[:3]
-            first, second = block.mlp[0], block.mlp[2]
-            if norm_in_gemm:
-                norm = NormedInput(stats, shift, scale, block.in_ln.weight, block.in_ln.bias)
-                u = linear(h, first.weight, first.bias, EPILOGUE_BIAS_SILU, norm=norm, use_triton=use)
-                h, stats = linear(u, second.weight, second.bias, EPILOGUE_GATED_RESIDUAL, gate, h, with_stats=True,
-                                  use_triton=use)  # fmt: skip
-                continue
             u = ln_modulate(h, shift, scale, block.in_ln.weight, block.in_ln.bias, use_triton=use)
+            first, second = block.mlp[0], block.mlp[2]
             if on_cublas:
                 u = F.silu(torch.addmm(first.bias, u, first.weight.t()), inplace=True)
                 h = torch.addcmul(h, gate, torch.addmm(second.bias, u, second.weight.t()))
@@ -417,8 +311,5 @@ class FusedHead:
                 u = linear(u, first.weight, first.bias, EPILOGUE_BIAS_SILU, use_triton=use)
                 h = linear(u, second.weight, second.bias, EPILOGUE_GATED_RESIDUAL, gate, h, use_triton=use)
         shift, scale = mod[:, 3 * d * len(net.res_blocks) :].split(d, dim=1)
-        final = net.final_layer.linear
-        if norm_in_gemm:
-            return linear(h, final.weight, final.bias, norm=NormedInput(stats, shift, scale), use_triton=use)
         u = ln_modulate(h, shift, scale, use_triton=use)
-        return linear(u, final.weight, final.bias, use_triton=use)
+        return linear(u, net.final_layer.linear.weight, net.final_layer.linear.bias, use_triton=use)

@@ -14,10 +14,8 @@ from kernels.fused_head import (
     guided_update_reference,
     linear,
     linear_reference,
-    NormedInput,
     ln_modulate,
     ln_modulate_reference,
-    row_stats_reference,
 )
 from model.head import FlowMatchingHead
 from model.noise import token_noise
@@ -55,30 +53,6 @@ def test_linear_kernel_repeats_input_rows_by_index(m, x_rows):
     x, w, b = torch.randn(x_rows, 24), torch.randn(40, 24), torch.randn(40)
     got = linear(x, w, b, EPILOGUE_BIAS_SILU, rows=m, use_triton=True)
     want = linear_reference(x.repeat(m // x_rows, 1), w, b, EPILOGUE_BIAS_SILU)
-    assert rel(got, want) < 1e-5
-
-
-@pytest.mark.parametrize("m,n", [(5, 70), (37, 96)])  # tiny- and small-row tiles; 70: a partial last column tile
-def test_linear_kernel_leaves_row_statistics_of_its_output(m, n):
-    x, w, b = torch.randn(m, 40), torch.randn(n, 40), torch.randn(n)
-    out, stats = linear(x, w, b, EPILOGUE_BIAS_SILU, with_stats=True, use_triton=True)
-    want = row_stats_reference(out, stats.part_cols)
-    assert stats.partials.shape == want.partials.shape
-    torch.testing.assert_close(stats.partials, want.partials, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("m,n", [(5, 70), (37, 96)])
-def test_linear_kernel_normalizes_its_input_from_the_producers_statistics(affine, m, n):
-    x, w1, b1 = torch.randn(m, 24), torch.randn(n, 24), torch.randn(n)
-    w2, b2 = torch.randn(50, n), torch.randn(50)
-    mod = torch.randn(m, 3 * n)
-    shift, scale, gate = mod.split(n, dim=1)
-    ln_w, ln_b = (torch.randn(n), torch.randn(n)) if affine else (None, None)
-    residual = torch.randn(m, n) * 3 + 2  # rows with a mean and a spread to normalise
-    h, stats = linear(x, w1, b1, EPILOGUE_GATED_RESIDUAL, gate, residual, with_stats=True, use_triton=True)
-    got = linear(h, w2, b2, EPILOGUE_BIAS_SILU, norm=NormedInput(stats, shift, scale, ln_w, ln_b), use_triton=True)
-    want = linear_reference(ln_modulate_reference(h, shift, scale, ln_w, ln_b), w2, b2, EPILOGUE_BIAS_SILU)
     assert rel(got, want) < 1e-5
 
 
@@ -143,14 +117,13 @@ def test_update_coefficients_reproduce_the_step_functions(sampler, shift):
         torch.testing.assert_close(a * x + b * v + c * z, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("blocks", ["triton", "triton-norm-in-gemm", "cublas"])
+@pytest.mark.parametrize("cublas_blocks", [False, True])
 @pytest.mark.parametrize("modulation_gemm", fused_head.MODULATION_GEMMS)
-def test_fused_velocity_matches_the_head_module(modulation_gemm, blocks, monkeypatch):
+def test_fused_velocity_matches_the_head_module(modulation_gemm, cublas_blocks, monkeypatch):
     monkeypatch.setattr(fused_head, "MODULATION_GEMM", modulation_gemm)
-    monkeypatch.setattr(fused_head, "CUBLAS_BLOCKS_MIN_ROWS", 1 if blocks == "cublas" else 1 << 30)
-    monkeypatch.setattr(fused_head, "NORM_IN_GEMM_MAX_ROWS", 64 if blocks == "triton-norm-in-gemm" else 0)
+    monkeypatch.setattr(fused_head, "CUBLAS_BLOCKS_MIN_ROWS", 1 if cublas_blocks else 1 << 30)
     torch.manual_seed(0)
-    head = FlowMatchingHead(token_dim=64, cond_dim=48, width=40, depth=3)  # width: a partial column tile
+    head = FlowMatchingHead(token_dim=64, cond_dim=48, width=32, depth=3)
     for p in head.parameters():
         p.data.normal_(0, 0.3)
     fused = FusedHead(head.net, use_triton=True)
