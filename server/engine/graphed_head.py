@@ -152,7 +152,7 @@ def fused_sample_loop(fused: FusedHead, key: GraphKey, batch: StaticBatch, t_emb
     upcoming = fused.modulations(t_emb[:chunk], cond_emb)
     for i in range(key.num_steps):
         if i % chunk == 0:
-            if side is not None and i > 0:  # (before its first use the side stream is not part of a capture)
+            if side is not None:
                 torch.cuda.current_stream().wait_stream(side)
             mods = upcoming
             if i + chunk < key.num_steps:
