@@ -24,7 +24,6 @@ import torch
 
 from bench.head_bench import parse_variant
 from kernels import fused_head
-from kernels.paged_attention import DECODE_LAUNCH
 from model.bundle import load_bundle
 from model.generate import DTYPES, parse_size
 from model.reference import GenerationRequest
@@ -197,13 +196,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile-steps", type=int, default=0, help=f"profile this many steps from step {PROFILE_FROM_STEP} (GPU)")
     p.add_argument("--head-setting", action="append", default=[], metavar="NAME=VALUE,...",
                    help="kernels.fused_head settings for this run, e.g. CUBLAS_BLOCKS_MIN_ROWS=256")  # fmt: skip
-    p.add_argument("--decode-launch", default="", metavar="num_warps=8,num_stages=3",
-                   help="launch options of the decode attention kernel (kernels.paged_attention.DECODE_LAUNCH)")  # fmt: skip
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     fused_head.MODULATION_GEMM = args.modulation_gemm
-    if args.decode_launch:
-        DECODE_LAUNCH.update({k: int(v) for k, v in (item.split("=") for item in args.decode_launch.split(","))})
     for text in args.head_setting:
         for name, value in parse_variant(text).items():
             setattr(fused_head, name, value)

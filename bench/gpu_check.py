@@ -92,7 +92,7 @@ def check_attention(results: dict) -> None:
 
 def sweep_decode_attention(results: dict) -> None:
     """Decode attention late in a 512x512 image at 256 images (512 sequences of 500-1100 keys):
-    time and bandwidth of the Triton kernel under key tiles, warps and stages."""
+    time and bandwidth of the Triton kernel under key tiles, warps, stages and partition sizes."""
     from kernels import paged_attention as pa
 
     torch.manual_seed(0)
@@ -115,10 +115,8 @@ def sweep_decode_attention(results: dict) -> None:
     exact = pa.paged_attention_reference(*args, starts).float()
     gbytes = int(seq_lens.sum()) * kv_heads * d * 2 * 2 / 1e9
     rows = [{"config": "default", "rel_error": ((ref - exact).norm() / exact.norm()).item()}]
-    # the shipped launch (4 warps, 3 stages) and the best of the full sweep (decode_attention_sweep_h200_2026-11-29.json)
-    # with its neighbours, interleaved three times: a difference smaller than the spread is noise
-    candidates = [(64, 4, 3), (64, 8, 3), (64, 8, 2), (128, 8, 3)]
-    configs = [dict(tile=t, num_warps=w, num_stages=st, partition=None) for _ in range(3) for t, w, st in candidates]
+    configs = [dict(tile=t, num_warps=w, num_stages=st, partition=None) for t in (64, 128) for w in (4, 8) for st in (2, 3, 4)]
+    configs += [dict(tile=64, num_warps=4, num_stages=3, partition=p) for p in (256, 512, 1024)]
     saved = pa._KEY_TILE
     for c in configs:
         try:

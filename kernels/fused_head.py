@@ -46,9 +46,6 @@ CUBLAS_BLOCKS_MIN_ROWS = 512
 # they are computed for several steps in one GEMM of about this many rows (weights read once per
 # chunk, not once per step); 0 computes them step by step.
 MODULATION_CHUNK_ROWS = 4096
-# On GPU the next chunk's modulations are computed on a side stream while this chunk's steps run:
-# the large GEMM fills multiprocessors that the small per-step kernels leave idle.
-MODULATIONS_AHEAD = True
 LN_EPS = 1e-6  # the head's LayerNorms
 
 EPILOGUE_BIAS = 0
@@ -287,17 +284,14 @@ class FusedHead:
         """c: [R, hidden] -> [R, D]."""
         return self.net.cond_embed(c.to(self.mod_weight.dtype))
 
-    def modulations(self, t_emb: torch.Tensor, cond_emb: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """t_emb: [S, D] (S steps), cond_emb: [R, D] -> every block's adaLN output [S, R, (3 depth + 2) D]
-        (written into out when given)."""
+    def modulations(self, t_emb: torch.Tensor, cond_emb: torch.Tensor) -> torch.Tensor:
+        """t_emb: [S, D] (S steps), cond_emb: [R, D] -> every block's adaLN output [S, R, (3 depth + 2) D]."""
         y = F.silu(t_emb[:, None] + cond_emb[None]).reshape(-1, self.width)
-        if out is None:
-            out = torch.empty(t_emb.shape[0], cond_emb.shape[0], self.mod_weight.shape[0], device=y.device, dtype=y.dtype)
         if MODULATION_GEMM == "cublas" and runs_triton(y, self.use_triton):
-            torch.addmm(self.mod_bias, y, self.mod_weight.t(), out=out.view(y.shape[0], -1))
+            mod = torch.addmm(self.mod_bias, y, self.mod_weight.t())
         else:
-            out.view(y.shape[0], -1).copy_(linear(y, self.mod_weight, self.mod_bias, use_triton=self.use_triton))
-        return out
+            mod = linear(y, self.mod_weight, self.mod_bias, use_triton=self.use_triton)
+        return mod.view(t_emb.shape[0], cond_emb.shape[0], -1)
 
     def velocity(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """x: [B, token_dim] float32, mod: [R, ...] one step's modulations (R a multiple of B: row r

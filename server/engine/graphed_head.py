@@ -147,33 +147,14 @@ def fused_sample_loop(fused: FusedHead, key: GraphKey, batch: StaticBatch, t_emb
     scales = (batch.cfg[:, 0], batch.cfg_img[:, 0], batch.rescale[:, 0])
     x = torch.zeros(key.bucket, batch.blocks.shape[1] * 4, device=batch.seed.device)
     x = guided_update(None, x, *scales, *counters, 0, 0.0, 0.0, 1.0, use_triton=fused.use_triton)
-    ahead = x.is_cuda and fused_head.MODULATIONS_AHEAD and chunk < key.num_steps
-    side = torch.cuda.Stream(x.device) if ahead else None
-    upcoming = fused.modulations(t_emb[:chunk], cond_emb)
     for i in range(key.num_steps):
         if i % chunk == 0:
-            if side is not None:
-                torch.cuda.current_stream().wait_stream(side)
-            mods = upcoming
-            if i + chunk < key.num_steps:
-                upcoming = _modulations(fused, t_emb[i + chunk : i + 2 * chunk], cond_emb, side)
+            mods = fused.modulations(t_emb[i : i + chunk], cond_emb)
         v = fused.velocity(x, mods[i % chunk]).view(key.slots, key.bucket, -1)
         a, b, c = update_coefficients(params, i)
         x = guided_update(v, x, *scales, *counters, i + 1, a, b, c, use_triton=fused.use_triton)
     normed = F.layer_norm(x, x.shape[-1:], eps=TOKEN_NORM_EPS)
     return torch.where(batch.use_norm, normed, x)
-
-
-def _modulations(fused: FusedHead, t_emb: torch.Tensor, cond_emb: torch.Tensor, side) -> torch.Tensor:
-    """The modulations of a chunk of steps, on the side stream when given (the caller waits for it)."""
-    if side is None:
-        return fused.modulations(t_emb, cond_emb)
-    # allocated on the current stream, which reads it after the join: its memory is reused only after that
-    out = torch.empty(t_emb.shape[0], cond_emb.shape[0], fused.mod_weight.shape[0], device=t_emb.device,
-                      dtype=cond_emb.dtype)  # fmt: skip
-    side.wait_stream(torch.cuda.current_stream())  # cond_emb is written
-    with torch.cuda.stream(side):
-        return fused.modulations(t_emb, cond_emb, out=out)
 
 
 def bucket_for(rows: int) -> int:
