@@ -79,6 +79,12 @@ def ln_modulate_reference(h, shift, scale, weight=None, bias=None, eps=LN_EPS):
     return (normed * (1 + scale.float()) + shift.float()).to(h.dtype)
 
 
+def residual_ln_modulate_reference(h, gate, y, shift, scale, weight=None, bias=None, eps=LN_EPS):
+    """(h + gate * y, in h's dtype) and ln_modulate_reference of it. h, gate, y: [M, D]."""
+    h = (h.float() + gate.float() * y.float()).to(h.dtype)
+    return h, ln_modulate_reference(h, shift, scale, weight, bias, eps)
+
+
 def guided_update_reference(v, x, cfg, cfg_img, rescale, noise, a, b, c):
     """Guidance combine, optional rescale and x_new = a x + b v_guided + c z, in float32.
 
@@ -133,13 +139,19 @@ if triton is not None:
 
     @triton.jit
     def _ln_modulate_kernel(
-        h_ptr, shift_ptr, scale_ptr, w_ptr, b_ptr, out_ptr, D, stride_h, stride_mod, stride_o, eps,
-        AFFINE: tl.constexpr, BLOCK_D: tl.constexpr,
+        h_ptr, gate_ptr, y_ptr, h_out_ptr, shift_ptr, scale_ptr, w_ptr, b_ptr, out_ptr, D, stride_h, stride_g,
+        stride_y, stride_mod, stride_o, eps, AFFINE: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
         h = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+        if RESIDUAL:  # h + gate * y first, rounded as it is stored (the LayerNorm sees the stored value)
+            gate = tl.load(gate_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
+            h = (h + gate * y).to(h_out_ptr.dtype.element_ty)
+            tl.store(h_out_ptr + row * D + cols, h, mask=mask)
+            h = h.to(tl.float32)
         mean = tl.sum(h, axis=0) / D
         centered = tl.where(mask, h - mean, 0.0)
         var = tl.sum(centered * centered, axis=0) / D
@@ -223,15 +235,29 @@ def ln_modulate(h, shift, scale, weight=None, bias=None, eps=LN_EPS, use_triton=
     """See ln_modulate_reference; shift and scale may be column slices of one modulation tensor."""
     if not runs_triton(h, use_triton):
         return ln_modulate_reference(h, shift, scale, weight, bias, eps)
+    return _launch_ln_modulate(h, None, None, shift, scale, weight, bias, eps)[1]
+
+
+def residual_ln_modulate(h, gate, y, shift, scale, weight=None, bias=None, eps=LN_EPS, use_triton=None):
+    """See residual_ln_modulate_reference: a residual block's output and the next LayerNorm in one pass."""
+    if not runs_triton(h, use_triton):
+        return residual_ln_modulate_reference(h, gate, y, shift, scale, weight, bias, eps)
+    return _launch_ln_modulate(h, gate, y, shift, scale, weight, bias, eps)
+
+
+def _launch_ln_modulate(h, gate, y, shift, scale, weight, bias, eps):
     rows, d = h.shape
     out = torch.empty_like(h)
+    residual = gate is not None
+    h_out = torch.empty_like(h) if residual else out
     affine = weight is not None
     _ln_modulate_kernel[(rows,)](
-        h, shift, scale, weight if affine else h, bias if affine else h, out, d,
-        h.stride(0), shift.stride(0), out.stride(0), eps,
-        AFFINE=affine, BLOCK_D=triton.next_power_of_2(d),
+        h, gate if residual else h, y if residual else h, h_out, shift, scale, weight if affine else h,
+        bias if affine else h, out, d, h.stride(0), gate.stride(0) if residual else 0, y.stride(0) if residual else 0,
+        shift.stride(0), out.stride(0), eps,
+        AFFINE=affine, RESIDUAL=residual, BLOCK_D=triton.next_power_of_2(d),
     )  # fmt: skip
-    return out
+    return h_out, out
 
 
 def guided_update(v, x, cfg, cfg_img, rescale, seed, image, token, step, a, b, c, use_triton=None):
@@ -300,16 +326,28 @@ class FusedHead:
         rows = mod.shape[0]
         on_cublas = rows >= CUBLAS_BLOCKS_MIN_ROWS and runs_triton(x, use)
         h = linear(x, net.input_proj.weight, net.input_proj.bias, rows=rows, use_triton=use)
-        for j, block in enumerate(net.res_blocks):
+        blocks = net.res_blocks
+        for j, block in enumerate(blocks):
             shift, scale, gate = mod[:, 3 * d * j :].split(d, dim=1)[:3]
-            u = ln_modulate(h, shift, scale, block.in_ln.weight, block.in_ln.bias, use_triton=use)
             first, second = block.mlp[0], block.mlp[2]
-            if on_cublas:
-                u = F.silu(torch.addmm(first.bias, u, first.weight.t()), inplace=True)
-                h = torch.addcmul(h, gate, torch.addmm(second.bias, u, second.weight.t()))
-            else:
+            if not on_cublas:
+                u = ln_modulate(h, shift, scale, block.in_ln.weight, block.in_ln.bias, use_triton=use)
                 u = linear(u, first.weight, first.bias, EPILOGUE_BIAS_SILU, use_triton=use)
                 h = linear(u, second.weight, second.bias, EPILOGUE_GATED_RESIDUAL, gate, h, use_triton=use)
-        shift, scale = mod[:, 3 * d * len(net.res_blocks) :].split(d, dim=1)
-        u = ln_modulate(h, shift, scale, use_triton=use)
+                continue
+            # on cuBLAS the gated residual is applied by the kernel that also computes the next LayerNorm
+            if j == 0:
+                u = ln_modulate(h, shift, scale, block.in_ln.weight, block.in_ln.bias, use_triton=use)
+            u = F.silu(torch.addmm(first.bias, u, first.weight.t()), inplace=True)
+            y = torch.addmm(second.bias, u, second.weight.t())
+            if j + 1 < len(blocks):
+                following = blocks[j + 1].in_ln
+                shift, scale = mod[:, 3 * d * (j + 1) :].split(d, dim=1)[:2]
+                h, u = residual_ln_modulate(h, gate, y, shift, scale, following.weight, following.bias, use_triton=use)
+            else:
+                shift, scale = mod[:, 3 * d * len(blocks) :].split(d, dim=1)
+                h, u = residual_ln_modulate(h, gate, y, shift, scale, use_triton=use)
+        if not on_cublas:
+            shift, scale = mod[:, 3 * d * len(blocks) :].split(d, dim=1)
+            u = ln_modulate(h, shift, scale, use_triton=use)
         return linear(u, net.final_layer.linear.weight, net.final_layer.linear.bias, use_triton=use)

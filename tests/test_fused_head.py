@@ -16,6 +16,8 @@ from kernels.fused_head import (
     linear_reference,
     ln_modulate,
     ln_modulate_reference,
+    residual_ln_modulate,
+    residual_ln_modulate_reference,
 )
 from model.head import FlowMatchingHead
 from model.noise import token_noise
@@ -72,6 +74,19 @@ def test_ln_modulate_kernel_matches_reference(affine, rows, d):
     w, b = (torch.randn(d), torch.randn(d)) if affine else (None, None)
     got = ln_modulate(h, mod[:, :d], mod[:, d:], w, b, use_triton=True)
     assert rel(got, ln_modulate_reference(h, mod[:, :d], mod[:, d:], w, b)) < 1e-5
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_residual_ln_modulate_kernel_matches_reference(affine):
+    rows, d = 9, 100
+    h, y = torch.randn(rows, d) * 3 + 1, torch.randn(rows, d)
+    mod = torch.randn(rows, 3 * d)
+    gate, shift, scale = mod.split(d, dim=1)  # strided column slices, as in the head
+    w, b = (torch.randn(d), torch.randn(d)) if affine else (None, None)
+    h_got, u_got = residual_ln_modulate(h, gate, y, shift, scale, w, b, use_triton=True)
+    h_want, u_want = residual_ln_modulate_reference(h, gate, y, shift, scale, w, b)
+    assert rel(h_got, h_want) < 1e-6 and rel(u_got, u_want) < 1e-5
+    torch.testing.assert_close(h_want, h + gate * y)
 
 
 def _counters(b):
