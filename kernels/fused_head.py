@@ -36,11 +36,11 @@ LINEAR_CONFIG: dict = {}  # may also set BLOCK_M
 # epilogue to fuse, so it may run on cuBLAS instead of the Triton kernel.
 MODULATION_GEMMS = ("triton", "cublas")
 MODULATION_GEMM = "cublas"  # H200: 18.5 vs 21.6 ms per token at 256 rows, 24.4 vs 31.3 at 512
-# From this many rows the residual blocks' products run on cuBLAS too, their epilogues (SiLU,
-# gate * u + residual) as separate elementwise kernels: more launches, but cuBLAS's larger tiles
-# re-read the rows less than the Triton kernel's small ones. H200, ms per token: 512 rows 22.6 vs
-# 22.9 (engine at 256 images: 4.16 vs 4.08 images/s); 256 rows 17.3 vs 16.2.
-CUBLAS_BLOCKS_MIN_ROWS = 512
+# From this many rows the residual blocks' products run on cuBLAS too, SiLU and the gated residual
+# (with the next LayerNorm) as row kernels: more launches, but cuBLAS's larger tiles re-read the
+# rows less than the Triton kernel's small ones. H200, ms per token (bench/results/
+# head_residual_ln_h200_s11.json): 512 rows 20.2 (Triton 22.9), 256 rows 15.1 vs 16.1.
+CUBLAS_BLOCKS_MIN_ROWS = 256
 
 # The adaLN modulations depend on the step's time and the token's condition only, never on x, so
 # they are computed for several steps in one GEMM of about this many rows (weights read once per
