@@ -39,8 +39,9 @@ MODULATION_GEMM = "cublas"  # H200: 18.5 vs 21.6 ms per token at 256 rows, 24.4 
 # From this many rows the residual blocks' products run on cuBLAS too, SiLU and the gated residual
 # (with the next LayerNorm) as row kernels: more launches, but cuBLAS's larger tiles re-read the
 # rows less than the Triton kernel's small ones. H200, ms per token (bench/results/
-# head_residual_ln_h200_s11.json): 512 rows 20.2 (Triton 22.9), 256 rows 15.1 vs 16.1.
-CUBLAS_BLOCKS_MIN_ROWS = 256
+# head_residual_ln_h200_s11.json, head_cublas_threshold_h200_s11.json): 512 rows 20.2 vs 22.9,
+# 256 rows 15.1 vs 16.1, 192 rows 14.3 vs 15.2; 128 rows 12.9 vs 12.5 (Triton ahead).
+CUBLAS_BLOCKS_MIN_ROWS = 192
 
 # The adaLN modulations depend on the step's time and the token's condition only, never on x, so
 # they are computed for several steps in one GEMM of about this many rows (weights read once per
