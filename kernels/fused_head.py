@@ -48,6 +48,7 @@ CUBLAS_BLOCKS_MIN_ROWS = 192
 # chunk, not once per step); 0 computes them step by step.
 MODULATION_CHUNK_ROWS = 4096
 LN_EPS = 1e-6  # the head's LayerNorms
+LN_NUM_WARPS = 4  # warps per row of the LayerNorm + modulate kernel
 
 EPILOGUE_BIAS = 0
 EPILOGUE_BIAS_SILU = 1
@@ -256,7 +257,7 @@ def _launch_ln_modulate(h, gate, y, shift, scale, weight, bias, eps):
         h, gate if residual else h, y if residual else h, h_out, shift, scale, weight if affine else h,
         bias if affine else h, out, d, h.stride(0), gate.stride(0) if residual else 0, y.stride(0) if residual else 0,
         shift.stride(0), out.stride(0), eps,
-        AFFINE=affine, RESIDUAL=residual, BLOCK_D=triton.next_power_of_2(d),
+        AFFINE=affine, RESIDUAL=residual, BLOCK_D=triton.next_power_of_2(d), num_warps=LN_NUM_WARPS,
     )  # fmt: skip
     return h_out, out
 
@@ -323,32 +324,48 @@ class FusedHead:
     def velocity(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """x: [B, token_dim] float32, mod: [R, ...] one step's modulations (R a multiple of B: row r
         is x's row r % B under condition r) -> velocity [R, token_dim] in the head's dtype."""
-        net, d, use = self.net, self.width, self.use_triton
+        net, use = self.net, self.use_triton
         rows = mod.shape[0]
-        on_cublas = rows >= CUBLAS_BLOCKS_MIN_ROWS and runs_triton(x, use)
         h = linear(x, net.input_proj.weight, net.input_proj.bias, rows=rows, use_triton=use)
-        blocks = net.res_blocks
+        on_cublas = rows >= CUBLAS_BLOCKS_MIN_ROWS and runs_triton(x, use)
+        u = self._blocks_on_cublas(h, mod) if on_cublas else self._blocks_on_triton(h, mod)
+        return linear(u, net.final_layer.linear.weight, net.final_layer.linear.bias, use_triton=use)
+
+    def _modulation(self, mod: torch.Tensor, j: int) -> list[torch.Tensor]:
+        """Block j's shift, scale and gate columns of one step's modulations (j = depth: the final
+        layer's shift and scale)."""
+        d = self.width
+        return mod[:, 3 * d * j :].split(d, dim=1)[:3]
+
+    def _blocks_on_triton(self, h: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        """The residual blocks with SiLU and the gated residual in the GEMMs' epilogues; returns the
+        final layer's modulated input."""
+        use = self.use_triton
+        blocks = self.net.res_blocks
         for j, block in enumerate(blocks):
-            shift, scale, gate = mod[:, 3 * d * j :].split(d, dim=1)[:3]
+            shift, scale, gate = self._modulation(mod, j)
             first, second = block.mlp[0], block.mlp[2]
-            if not on_cublas:
-                u = ln_modulate(h, shift, scale, block.in_ln.weight, block.in_ln.bias, use_triton=use)
-                u = linear(u, first.weight, first.bias, EPILOGUE_BIAS_SILU, use_triton=use)
-                h = linear(u, second.weight, second.bias, EPILOGUE_GATED_RESIDUAL, gate, h, use_triton=use)
-                continue
-            # on cuBLAS the gated residual is applied by the kernel that also computes the next LayerNorm
-            if j == 0:
-                u = ln_modulate(h, shift, scale, block.in_ln.weight, block.in_ln.bias, use_triton=use)
+            u = ln_modulate(h, shift, scale, block.in_ln.weight, block.in_ln.bias, use_triton=use)
+            u = linear(u, first.weight, first.bias, EPILOGUE_BIAS_SILU, use_triton=use)
+            h = linear(u, second.weight, second.bias, EPILOGUE_GATED_RESIDUAL, gate, h, use_triton=use)
+        shift, scale = self._modulation(mod, len(blocks))
+        return ln_modulate(h, shift, scale, use_triton=use)
+
+    def _blocks_on_cublas(self, h: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        """The residual blocks' products on cuBLAS; each block's gated residual and the next LayerNorm
+        + modulate in one row kernel. Returns the final layer's modulated input."""
+        use = self.use_triton
+        blocks = self.net.res_blocks
+        shift, scale, _ = self._modulation(mod, 0)
+        u = ln_modulate(h, shift, scale, blocks[0].in_ln.weight, blocks[0].in_ln.bias, use_triton=use)
+        for j, block in enumerate(blocks):
+            first, second = block.mlp[0], block.mlp[2]
             u = F.silu(torch.addmm(first.bias, u, first.weight.t()), inplace=True)
             y = torch.addmm(second.bias, u, second.weight.t())
-            if j + 1 < len(blocks):
-                following = blocks[j + 1].in_ln
-                shift, scale = mod[:, 3 * d * (j + 1) :].split(d, dim=1)[:2]
-                h, u = residual_ln_modulate(h, gate, y, shift, scale, following.weight, following.bias, use_triton=use)
-            else:
-                shift, scale = mod[:, 3 * d * len(blocks) :].split(d, dim=1)
-                h, u = residual_ln_modulate(h, gate, y, shift, scale, use_triton=use)
-        if not on_cublas:
-            shift, scale = mod[:, 3 * d * len(blocks) :].split(d, dim=1)
-            u = ln_modulate(h, shift, scale, use_triton=use)
-        return linear(u, net.final_layer.linear.weight, net.final_layer.linear.bias, use_triton=use)
+            gate = self._modulation(mod, j)[2]
+            shift, scale = self._modulation(mod, j + 1)[:2]
+            # the next block's LayerNorm is affine; the final layer's is not
+            norm = blocks[j + 1].in_ln if j + 1 < len(blocks) else None
+            weight, bias = (norm.weight, norm.bias) if norm is not None else (None, None)
+            h, u = residual_ln_modulate(h, gate, y, shift, scale, weight, bias, use_triton=use)
+        return u
