@@ -47,8 +47,6 @@ CUBLAS_BLOCKS_MIN_ROWS = 192
 # they are computed for several steps in one GEMM of about this many rows (weights read once per
 # chunk, not once per step); 0 computes them step by step.
 MODULATION_CHUNK_ROWS = 4096
-# From this many rows the sampling loop runs as two concurrent halves (server/engine/graphed_head.py)
-CONCURRENT_HALVES_MIN_ROWS = 1 << 30
 LN_EPS = 1e-6  # the head's LayerNorms
 # warps per row of the LayerNorm kernel; H200, ms per token vs 4 warps: 512 rows 20.28 vs 20.40, 2 rows 9.40 vs 9.56
 LN_NUM_WARPS = 8

@@ -165,27 +165,3 @@ def test_fused_engine_matches_the_reference_generator(chunk_rows, monkeypatch):
         EngineRequest("sde", t2i(sampler="sde", use_norm=False, seed=4, num_steps=3)),
     ]
     assert_tokens_close_to_reference(load_bundle("tiny", seed=0), specs, EngineConfig(fused_head=True))
-
-
-def test_fused_loop_in_two_halves_matches_one_loop(monkeypatch):
-    """The concurrent-halves split (streams on a GPU, one after the other here) computes each image
-    exactly as the whole batch does."""
-    from model.bundle import load_bundle
-    from server.engine.graphed_head import GraphKey, StaticBatch, _loop_params, fused_sample_loop
-
-    torch.manual_seed(0)
-    model = load_bundle("tiny", seed=0).model
-    fused = FusedHead(model.image_head.net, use_triton=True)
-    key = GraphKey("legacy-sde", 3, 1.0, 2, False, 5)
-    batch = StaticBatch(key, model)
-    batch.conditions.normal_()
-    batch.cfg.uniform_(1, 8)
-    batch.seed.copy_(torch.arange(5)[:, None] * 7 + 1)
-    batch.token.copy_(torch.arange(5)[:, None])
-    t_emb = fused.time_embedding(timesteps(_loop_params(key))[:3])
-    with torch.no_grad():
-        whole = fused_sample_loop(fused, key, batch, t_emb)
-        monkeypatch.setattr(fused_head, "CONCURRENT_HALVES_MIN_ROWS", 2)
-        halves = fused_sample_loop(fused, key, batch, t_emb)
-    assert halves.shape == whole.shape
-    assert rel(halves, whole) < 1e-6

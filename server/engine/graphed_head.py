@@ -14,9 +14,8 @@ guidance); an image with fewer branches repeats its rows, which gives exactly it
 
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -70,15 +69,6 @@ class StaticBatch:
         self.token = torch.zeros(b, 1, dtype=torch.int64, device=device)
         self.blocks = torch.arange(model.config.token_dim // 4, dtype=torch.int64, device=device)[None]
         self.out: torch.Tensor | None = None
-
-    def images(self, start: int, stop: int) -> StaticBatch:
-        """The same tensors for images start..stop only (views: no copies)."""
-        part = object.__new__(StaticBatch)
-        part.conditions = self.conditions[:, start:stop]
-        for name in ("cfg", "cfg_img", "rescale", "use_norm", "seed", "image", "token"):
-            setattr(part, name, getattr(self, name)[start:stop])
-        part.blocks, part.out = self.blocks, None
-        return part
 
 
 def _all_noise(batch: StaticBatch, num_steps: int) -> torch.Tensor:
@@ -148,29 +138,7 @@ def _loop_params(key: GraphKey) -> SamplingParams:
 
 
 def fused_sample_loop(fused: FusedHead, key: GraphKey, batch: StaticBatch, t_emb: torch.Tensor) -> torch.Tensor:
-    """sample_loop with the fused kernels: t_emb [N, D] holds the time embedding of each step's t.
-
-    From CONCURRENT_HALVES_MIN_ROWS rows the two halves of the images run as two independent loops,
-    on two CUDA streams on a GPU: one half's small kernels fill what the other's leave idle.
-    """
-    if key.slots * key.bucket < fused_head.CONCURRENT_HALVES_MIN_ROWS or key.bucket < 2:
-        return _fused_loop(fused, key, batch, t_emb)
-    cuda = batch.seed.is_cuda
-    main = torch.cuda.current_stream() if cuda else None
-    half = key.bucket // 2
-    outs = []
-    for start, stop in ((0, half), (half, key.bucket)):
-        stream = torch.cuda.Stream(batch.seed.device) if cuda else None
-        if cuda:
-            stream.wait_stream(main)  # the batch's inputs are written
-        with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
-            outs.append(_fused_loop(fused, replace(key, bucket=stop - start), batch.images(start, stop), t_emb))
-        if cuda:
-            main.wait_stream(stream)  # (the half's output is read on the main stream only after this)
-    return torch.cat(outs)
-
-
-def _fused_loop(fused: FusedHead, key: GraphKey, batch: StaticBatch, t_emb: torch.Tensor) -> torch.Tensor:
+    """sample_loop with the fused kernels: t_emb [N, D] holds the time embedding of each step's t."""
     params = _loop_params(key)
     rows = key.slots * key.bucket
     cond_emb = fused.cond_embedding(batch.conditions.reshape(rows, -1))
