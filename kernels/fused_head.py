@@ -332,7 +332,7 @@ class FusedHead:
         u = self._blocks_on_cublas(h, mod) if on_cublas else self._blocks_on_triton(h, mod)
         return linear(u, net.final_layer.linear.weight, net.final_layer.linear.bias, use_triton=use)
 
-    def _modulation(self, mod: torch.Tensor, j: int) -> list[torch.Tensor]:
+    def _modulation(self, mod: torch.Tensor, j: int) -> tuple[torch.Tensor, ...]:
         """Block j's shift, scale and gate columns of one step's modulations (j = depth: the final
         layer's shift and scale)."""
         d = self.width

@@ -14,12 +14,9 @@ from kernels.decoder_step import (
 )
 from model.decoder import RMSNorm
 from model.rope import RotaryEmbedding
+from tests.test_fused_head import rel
 
 pytest.importorskip("triton")
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 
