@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -17,3 +19,13 @@ def runs_triton(t: torch.Tensor, force: bool | None) -> bool:
     if force is not None:
         return force and TRITON_AVAILABLE
     return TRITON_AVAILABLE and t.is_cuda
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def supports_pdl(t: torch.Tensor) -> bool:
+    """Programmatic dependent launch (a kernel starts while its predecessor finishes): CUDA sm90+."""
+    return TRITON_AVAILABLE and t.is_cuda and _capability(t.device.index) >= (9, 0)

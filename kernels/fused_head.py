@@ -15,11 +15,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import runs_triton
+from kernels.dispatch import runs_triton, supports_pdl
 
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
     from triton.language.random import pair_uniform_to_normal, uint_to_uniform_float
 except ImportError:  # the references still work without triton
     triton = None
@@ -48,6 +49,15 @@ CUBLAS_BLOCKS_MIN_ROWS = 192
 # chunk, not once per step); 0 computes them step by step.
 MODULATION_CHUNK_ROWS = 4096
 LN_EPS = 1e-6  # the head's LayerNorms
+# Up to FEW_ROWS rows (a few images) a head step is a chain of ~40 dependent kernels that each
+# stream a few MB of weights: FusedHead then uses few_rows_linear, with the LayerNorms inside.
+# H200, ms per token, 50 steps (bench/results/head_few_rows*_s12.json): 2 rows 4.72 vs 9.53 with the
+# tiled kernels, 4 rows 7.22 vs 9.59; 8 rows 16.4 vs 10.2 (the products grow with the rows).
+FEW_ROWS = 4
+FEW_ROWS_TILES = ((4, 4), (8, 8))  # (weight rows per program, warps) up to 2 rows, and above
+# Programmatic dependent launch (sm90+) for few_rows_linear: a kernel is launched while its
+# predecessor runs and loads its weights before waiting for the predecessor's output.
+PDL = True
 # warps per row of the LayerNorm kernel; H200, ms per token vs 4 warps: 512 rows 20.28 vs 20.40, 2 rows 9.40 vs 9.56
 LN_NUM_WARPS = 8
 
@@ -73,6 +83,14 @@ def linear_reference(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residua
     elif epilogue == EPILOGUE_GATED_RESIDUAL:
         out = residual.float() + gate.float() * out
     return out.to(weight.dtype)
+
+
+def few_rows_linear_reference(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residual=None, rows=None, norm=None):
+    """linear_reference of x, or of ln_modulate_reference(x, *norm) when norm = (shift, scale,
+    LayerNorm weight or None, LayerNorm bias or None) is given."""
+    if norm is not None:
+        x = ln_modulate_reference(x, *norm)
+    return linear_reference(x, weight, bias, epilogue, gate, residual, rows)
 
 
 def ln_modulate_reference(h, shift, scale, weight=None, bias=None, eps=LN_EPS):
@@ -139,6 +157,59 @@ if triton is not None:
             res = tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
             acc = res + gate * acc
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _await_predecessor(PDL: tl.constexpr):
+        """Under programmatic dependent launch: wait until the previous kernel's writes are visible,
+        then let the next kernel start launching. Before this a kernel may read only weights."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+
+    @triton.jit
+    def _few_rows_kernel(
+        x_ptr, w_ptr, b_ptr, out_ptr, gate_ptr, res_ptr, shift_ptr, scale_ptr, ln_w_ptr, ln_b_ptr,
+        M, N, K, X_ROWS, stride_xm, stride_wn, stride_om, stride_gm, stride_rm, stride_mod, eps,
+        EPILOGUE: tl.constexpr, NORM: tl.constexpr, AFFINE: tl.constexpr, ROWS: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
+        """few_rows_linear: a program holds BLOCK_N whole weight rows (K <= BLOCK_K) and multiplies
+        every input row (M <= ROWS) by them at once, normalizing the rows first when NORM."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        n_ok = rn < N
+        k_ok = rk < K
+        # the weights never depend on earlier kernels: requested before waiting for them
+        w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        bias = tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+        if AFFINE:
+            ln_w = tl.load(ln_w_ptr + rk, mask=k_ok, other=1.0).to(tl.float32)
+            ln_b = tl.load(ln_b_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
+        _await_predecessor(PDL)
+        rm = tl.arange(0, ROWS)
+        row_mask = (rm[:, None] < M) & k_ok[None, :]
+        x = tl.load(x_ptr + (rm % X_ROWS)[:, None] * stride_xm + rk[None, :], mask=row_mask, other=0.0)
+        x = x.to(tl.float32)
+        out_mask = (rm[:, None] < M) & n_ok[None, :]
+        if EPILOGUE == 2:  # requested with x, not after the reduction
+            gate = tl.load(gate_ptr + rm[:, None] * stride_gm + rn[None, :], mask=out_mask, other=0.0)
+            res = tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=out_mask, other=0.0)
+        if NORM:  # LayerNorm (affine when AFFINE) and adaLN modulate, as ln_modulate
+            shift = tl.load(shift_ptr + rm[:, None] * stride_mod + rk[None, :], mask=row_mask, other=0.0)
+            scale = tl.load(scale_ptr + rm[:, None] * stride_mod + rk[None, :], mask=row_mask, other=0.0)
+            mean = tl.sum(x, axis=1) / K
+            centered = tl.where(row_mask, x - mean[:, None], 0.0)
+            x = centered / tl.sqrt(tl.sum(centered * centered, axis=1) / K + eps)[:, None]
+            if AFFINE:
+                x = x * ln_w[None, :] + ln_b[None, :]
+            x = x * (1.0 + scale.to(tl.float32)) + shift.to(tl.float32)
+        x = x.to(w_ptr.dtype.element_ty).to(tl.float32)  # rounded as the unfused kernels store it
+        acc = tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2) + bias[None, :]
+        if EPILOGUE == 1:
+            acc = acc / (1.0 + tl.exp(-acc))
+        if EPILOGUE == 2:
+            acc = res.to(tl.float32) + gate.to(tl.float32) * acc
+        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
     @triton.jit
     def _ln_modulate_kernel(
@@ -211,6 +282,10 @@ if triton is not None:
 # dispatchers: Triton on CUDA (or under TRITON_INTERPRET=1 when forced), the references otherwise
 
 
+def _pdl(t: torch.Tensor) -> bool:
+    return PDL and supports_pdl(t)
+
+
 def linear(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residual=None, rows=None, use_triton=None):
     """See linear_reference; x, weight row-major with unit stride in the last dim."""
     if not runs_triton(x, use_triton):
@@ -230,6 +305,34 @@ def linear(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residual=None, ro
         x.stride(0), weight.stride(0), out.stride(0), gate_t.stride(0), res_t.stride(0),
         EPILOGUE=epilogue, BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
         PRECISION=precision, num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )  # fmt: skip
+    return out
+
+
+def few_rows_linear(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residual=None, rows=None, norm=None,
+                    use_triton=None):
+    """See few_rows_linear_reference; for at most FEW_ROWS rows (weights streamed once, no tensor
+    cores). The LayerNorm of norm runs inside, so a residual block is two kernels, not three."""
+    if not runs_triton(x, use_triton):
+        return few_rows_linear_reference(x, weight, bias, epilogue, gate, residual, rows, norm)
+    x_rows, k = x.shape
+    m = rows or x_rows
+    n = weight.shape[0]
+    if m > FEW_ROWS:
+        raise ValueError(f"few_rows_linear takes at most {FEW_ROWS} rows, got {m}")
+    out = torch.empty(m, n, device=x.device, dtype=weight.dtype)
+    gate_t = gate if gate is not None else out
+    res_t = residual if residual is not None else out
+    shift, scale, ln_weight, ln_bias = norm if norm is not None else (out, out, None, None)
+    affine = ln_weight is not None
+    pdl = _pdl(x)
+    block_n, warps = FEW_ROWS_TILES[0] if m <= 2 else FEW_ROWS_TILES[1]
+    _few_rows_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias, out, gate_t, res_t, shift, scale, ln_weight if affine else bias, ln_bias if affine else bias,
+        m, n, k, x_rows, x.stride(0), weight.stride(0), out.stride(0), gate_t.stride(0), res_t.stride(0),
+        shift.stride(0), LN_EPS,
+        EPILOGUE=epilogue, NORM=norm is not None, AFFINE=affine, ROWS=triton.next_power_of_2(m),
+        BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k), PDL=pdl, num_warps=warps, launch_pdl=pdl,
     )  # fmt: skip
     return out
 
@@ -327,6 +430,8 @@ class FusedHead:
         is x's row r % B under condition r) -> velocity [R, token_dim] in the head's dtype."""
         net, use = self.net, self.use_triton
         rows = mod.shape[0]
+        if rows <= FEW_ROWS and runs_triton(x, use):
+            return self._velocity_few_rows(x, mod)
         h = linear(x, net.input_proj.weight, net.input_proj.bias, rows=rows, use_triton=use)
         on_cublas = rows >= CUBLAS_BLOCKS_MIN_ROWS and runs_triton(x, use)
         u = self._blocks_on_cublas(h, mod) if on_cublas else self._blocks_on_triton(h, mod)
@@ -337,6 +442,20 @@ class FusedHead:
         layer's shift and scale)."""
         d = self.width
         return mod[:, 3 * d * j :].split(d, dim=1)[:3]
+
+    def _velocity_few_rows(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        """velocity() as few_rows_linear kernels: two per residual block, each LayerNorm inside."""
+        net, use = self.net, self.use_triton
+        h = few_rows_linear(x, net.input_proj.weight, net.input_proj.bias, rows=mod.shape[0], use_triton=use)
+        for j, block in enumerate(net.res_blocks):
+            shift, scale, gate = self._modulation(mod, j)
+            first, second = block.mlp[0], block.mlp[2]
+            norm = (shift, scale, block.in_ln.weight, block.in_ln.bias)
+            u = few_rows_linear(h, first.weight, first.bias, EPILOGUE_BIAS_SILU, norm=norm, use_triton=use)
+            h = few_rows_linear(u, second.weight, second.bias, EPILOGUE_GATED_RESIDUAL, gate, h, use_triton=use)
+        shift, scale = self._modulation(mod, len(net.res_blocks))[:2]
+        final = net.final_layer.linear
+        return few_rows_linear(h, final.weight, final.bias, norm=(shift, scale, None, None), use_triton=use)
 
     def _blocks_on_triton(self, h: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """The residual blocks with SiLU and the gated residual in the GEMMs' epilogues; returns the

@@ -10,6 +10,8 @@ from kernels.fused_head import (
     EPILOGUE_BIAS_SILU,
     EPILOGUE_GATED_RESIDUAL,
     FusedHead,
+    few_rows_linear,
+    few_rows_linear_reference,
     guided_update,
     guided_update_reference,
     linear,
@@ -56,6 +58,30 @@ def test_linear_kernel_repeats_input_rows_by_index(m, x_rows):
     got = linear(x, w, b, EPILOGUE_BIAS_SILU, rows=m, use_triton=True)
     want = linear_reference(x.repeat(m // x_rows, 1), w, b, EPILOGUE_BIAS_SILU)
     assert rel(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("norm", [None, "affine", "plain"])
+@pytest.mark.parametrize("epilogue", [EPILOGUE_BIAS, EPILOGUE_BIAS_SILU, EPILOGUE_GATED_RESIDUAL])
+@pytest.mark.parametrize("m,x_rows", [(1, 1), (3, 3), (4, 2)])
+def test_few_rows_kernel_matches_reference(m, x_rows, epilogue, norm):
+    k, n = 100, 40
+    x, w, b = torch.randn(x_rows, k), torch.randn(n, k), torch.randn(n)
+    mod = torch.randn(m, 3 * k)  # shift, scale and gate are strided column slices, as in the head
+    gate, residual = mod[:, 2 * k : 2 * k + n], torch.randn(m, n)
+    ln = (torch.randn(k), torch.randn(k)) if norm == "affine" else (None, None)
+    norm_args = None if norm is None else (mod[:, :k], mod[:, k : 2 * k], *ln)
+    if norm_args is not None:
+        x = x.repeat(m // x_rows, 1)  # the LayerNorm reads whole rows (no repeat by index with it)
+    rows = m if norm_args is None else None
+    got = few_rows_linear(x, w, b, epilogue, gate, residual, rows=rows, norm=norm_args, use_triton=True)
+    want = few_rows_linear_reference(x, w, b, epilogue, gate, residual, rows=rows, norm=norm_args)
+    assert got.shape == (m, n)
+    assert rel(got, want) < 1e-5
+
+
+def test_few_rows_kernel_refuses_more_rows():
+    with pytest.raises(ValueError, match="at most"):
+        few_rows_linear(torch.randn(fused_head.FEW_ROWS + 1, 8), torch.randn(4, 8), torch.randn(4), use_triton=True)
 
 
 def test_linear_reference_is_the_formula():
@@ -132,11 +158,12 @@ def test_update_coefficients_reproduce_the_step_functions(sampler, shift):
         torch.testing.assert_close(a * x + b * v + c * z, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("cublas_blocks", [False, True])
+@pytest.mark.parametrize("blocks", ["few_rows", "triton", "cublas"])
 @pytest.mark.parametrize("modulation_gemm", fused_head.MODULATION_GEMMS)
-def test_fused_velocity_matches_the_head_module(modulation_gemm, cublas_blocks, monkeypatch):
+def test_fused_velocity_matches_the_head_module(modulation_gemm, blocks, monkeypatch):
     monkeypatch.setattr(fused_head, "MODULATION_GEMM", modulation_gemm)
-    monkeypatch.setattr(fused_head, "CUBLAS_BLOCKS_MIN_ROWS", 1 if cublas_blocks else 1 << 30)
+    monkeypatch.setattr(fused_head, "FEW_ROWS", 16 if blocks == "few_rows" else 0)
+    monkeypatch.setattr(fused_head, "CUBLAS_BLOCKS_MIN_ROWS", 1 if blocks == "cublas" else 1 << 30)
     torch.manual_seed(0)
     head = FlowMatchingHead(token_dim=64, cond_dim=48, width=32, depth=3)
     for p in head.parameters():
