@@ -55,8 +55,8 @@ LN_EPS = 1e-6  # the head's LayerNorms
 # tiled kernels, 4 rows 7.22 vs 9.59; 8 rows 16.4 vs 10.2 (the products grow with the rows).
 FEW_ROWS = 4
 FEW_ROWS_TILES = ((4, 4), (8, 8))  # (weight rows per program, warps) up to 2 rows, and above
-# Programmatic dependent launch (sm90+) for few_rows_linear: a kernel is launched while its
-# predecessor runs and loads its weights before waiting for the predecessor's output.
+# Programmatic dependent launch (sm90+) for few_rows_linear and the update between them: a kernel is
+# launched while its predecessor runs and loads its weights before waiting for the predecessor's output.
 PDL = True
 # warps per row of the LayerNorm kernel; H200, ms per token vs 4 warps: 512 rows 20.28 vs 20.40, 2 rows 9.40 vs 9.56
 LN_NUM_WARPS = 8
@@ -242,9 +242,10 @@ if triton is not None:
     def _guided_update_kernel(
         v_ptr, x_ptr, out_ptr, cfg_ptr, cfg_img_ptr, rescale_ptr, seed_ptr, image_ptr, token_ptr,
         B, step, a, b, c,
-        SLOTS: tl.constexpr, HAS_V: tl.constexpr, DIM: tl.constexpr,
+        SLOTS: tl.constexpr, HAS_V: tl.constexpr, DIM: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0)
+        _await_predecessor(PDL)
         # the row's DIM numbers as a [DIM/4, 4] tile: element 4j+m is normal m of philox counter j
         j = tl.arange(0, DIM // 4)
         m = tl.arange(0, 4)
@@ -384,10 +385,11 @@ def guided_update(v, x, cfg, cfg_img, rescale, seed, image, token, step, a, b, c
     rows, dim = x.shape
     out = torch.empty(rows, dim, device=x.device, dtype=torch.float32)
     slots = v.shape[0] if v is not None else 2
+    pdl = _pdl(x) and slots * rows <= FEW_ROWS  # between few_rows_linear kernels
     _guided_update_kernel[(rows,)](
         v if v is not None else x, x, out, cfg, cfg_img, rescale, seed, image, token,
         rows, step, float(a), float(b), float(c),
-        SLOTS=slots, HAS_V=v is not None, DIM=dim,
+        SLOTS=slots, HAS_V=v is not None, DIM=dim, PDL=pdl, launch_pdl=pdl,
     )  # fmt: skip
     return out
 
