@@ -4,7 +4,8 @@ Per sampling step the head becomes: one GEMM for every block's adaLN modulation 
 depend only on y = t_emb + cond_emb, never on x), then per residual block a LayerNorm+modulate
 kernel and two GEMMs whose epilogues fuse bias+SiLU and bias+gate*u+residual, then the final
 layer, then one kernel that combines the guidance branches, applies the sampler update and draws
-the step's noise in-kernel with the same Philox counters as model.noise.token_noise.
+the step's noise in-kernel with the same Philox counters as model.noise.token_noise. Up to
+FEW_ROWS rows (one or two images) few_rows_linear does the products with each LayerNorm inside.
 
 Shapes: rows R = slots * B (slot-major: all images' cond rows, then their uncond rows, ...),
 D = head width, token_dim = 64.

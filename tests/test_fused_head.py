@@ -71,7 +71,7 @@ def test_few_rows_kernel_matches_reference(m, x_rows, epilogue, norm):
     ln = (torch.randn(k), torch.randn(k)) if norm == "affine" else (None, None)
     norm_args = None if norm is None else (mod[:, :k], mod[:, k : 2 * k], *ln)
     if norm_args is not None:
-        x = x.repeat(m // x_rows, 1)  # the LayerNorm reads whole rows (no repeat by index with it)
+        x = x.repeat(m // x_rows, 1)  # the head normalizes rows it stored, never repeated ones
     rows = m if norm_args is None else None
     got = few_rows_linear(x, w, b, epilogue, gate, residual, rows=rows, norm=norm_args, use_triton=True)
     want = few_rows_linear_reference(x, w, b, epilogue, gate, residual, rows=rows, norm=norm_args)
