@@ -160,6 +160,12 @@ if triton is not None:
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _normalize(x, mask, D, eps, AXIS: tl.constexpr):
+        """x's rows (along AXIS; D valid entries where mask) to zero mean and unit variance."""
+        centered = tl.where(mask, x - tl.sum(x, axis=AXIS, keep_dims=True) / D, 0.0)
+        return centered / tl.sqrt(tl.sum(centered * centered, axis=AXIS, keep_dims=True) / D + eps)
+
+    @triton.jit
     def _await_predecessor(PDL: tl.constexpr):
         """Under programmatic dependent launch: wait until the previous kernel's writes are visible,
         then let the next kernel start launching. Before this a kernel may read only weights."""
@@ -198,9 +204,7 @@ if triton is not None:
         if NORM:  # LayerNorm (affine when AFFINE) and adaLN modulate, as ln_modulate
             shift = tl.load(shift_ptr + rm[:, None] * stride_mod + rk[None, :], mask=row_mask, other=0.0)
             scale = tl.load(scale_ptr + rm[:, None] * stride_mod + rk[None, :], mask=row_mask, other=0.0)
-            mean = tl.sum(x, axis=1) / K
-            centered = tl.where(row_mask, x - mean[:, None], 0.0)
-            x = centered / tl.sqrt(tl.sum(centered * centered, axis=1) / K + eps)[:, None]
+            x = _normalize(x, row_mask, K, eps, AXIS=1)
             if AFFINE:
                 x = x * ln_w[None, :] + ln_b[None, :]
             x = x * (1.0 + scale.to(tl.float32)) + shift.to(tl.float32)
@@ -227,10 +231,7 @@ if triton is not None:
             h = (h + gate * y).to(h_out_ptr.dtype.element_ty)
             tl.store(h_out_ptr + row * D + cols, h, mask=mask)
             h = h.to(tl.float32)
-        mean = tl.sum(h, axis=0) / D
-        centered = tl.where(mask, h - mean, 0.0)
-        var = tl.sum(centered * centered, axis=0) / D
-        normed = centered / tl.sqrt(var + eps)
+        normed = _normalize(h, mask, D, eps, AXIS=0)
         if AFFINE:
             normed = normed * tl.load(w_ptr + cols, mask=mask, other=1.0).to(tl.float32)
             normed = normed + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)

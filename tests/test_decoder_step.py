@@ -19,8 +19,6 @@ from tests.test_fused_head import rel
 pytest.importorskip("triton")
 
 
-
-
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("with_delta", [True, False])
 def test_add_rms_norm_matches_the_model_norm(dtype, tol, with_delta):

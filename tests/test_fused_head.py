@@ -41,7 +41,7 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 40, 24), (16, 50, 100), (37, 96, 72), (70, 130, 64)])  # <= 16: small-row kernel
+@pytest.mark.parametrize("m,n,k", [(1, 40, 24), (16, 50, 100), (37, 96, 72), (70, 130, 64)])  # <= 16: the tiny-row tiles
 @pytest.mark.parametrize("epilogue", [EPILOGUE_BIAS, EPILOGUE_BIAS_SILU, EPILOGUE_GATED_RESIDUAL])
 def test_linear_kernel_matches_reference(m, n, k, epilogue):
     x, w, b = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
