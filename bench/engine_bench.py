@@ -22,11 +22,11 @@ from dataclasses import replace
 
 import torch
 
-from bench.head_bench import parse_variant
+from bench.backbone_bench import apply_settings, parse_settings
 from kernels import fused_head
 from model.bundle import load_bundle
 from model.generate import DTYPES, parse_size
-from model.reference import GenerationRequest
+from model.reference import GenerationRequest, token_grid
 from model.sampling import published_defaults
 from server.engine.engine import BatchedEngine, EngineConfig
 from server.engine.events import EngineRequest, RequestDone
@@ -96,6 +96,13 @@ def make_engine(bundle, args, done_at: dict) -> BatchedEngine:
             engine.add_request(EngineRequest(f"warm{c}-{i}", replace(make_request(args, seed=10**6 + i), width=32, height=16)))
         while engine.has_work():
             engine.step()
+    # and every decode graph: their block tables grow with the image, past what the small warm-up reached
+    request = make_request(args, seed=0)
+    prompts = engine.generator.prompt_branches(request)
+    grid_h, grid_w = token_grid(engine.bundle.config, request.width, request.height)
+    longest = max(len(p.token_ids) for p in prompts) + grid_h * grid_w
+    for c in args.concurrency:
+        engine.runner.warm_up_decode(c * len(prompts), longest)
     return engine
 
 
@@ -124,7 +131,7 @@ def bench_engine(engine: BatchedEngine, done_at: dict, args, concurrency: int) -
         "image_tokens_per_s": tokens / wall,
         "latency_mean_s": statistics.mean(latencies),
         "latency_p50_s": latencies[len(latencies) // 2],
-        "latency_p99_s": latencies[min(len(latencies) - 1, int(round(0.99 * (len(latencies) - 1))))],
+        "latency_p99_s": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))],
         "steps": t.steps,
         "seconds": {"schedule": t.schedule, "backbone": t.backbone, "head": t.head, "vae": t.vae},
         "mean_head_batch": statistics.mean(t.batch_sizes) if t.batch_sizes else 0,
@@ -194,14 +201,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--modulation-gemm", choices=fused_head.MODULATION_GEMMS, default=fused_head.MODULATION_GEMM,
                    help="backend of the fused head's adaLN GEMM")  # fmt: skip
     p.add_argument("--profile-steps", type=int, default=0, help=f"profile this many steps from step {PROFILE_FROM_STEP} (GPU)")
-    p.add_argument("--head-setting", action="append", default=[], metavar="NAME=VALUE,...",
-                   help="kernels.fused_head settings for this run, e.g. CUBLAS_BLOCKS_MIN_ROWS=256")  # fmt: skip
+    p.add_argument("--setting", action="append", default=[], metavar="MODULE.NAME=VALUE,...",
+                   help="kernels settings for this run, e.g. fused_head.CUBLAS_BLOCKS_MIN_ROWS=256")  # fmt: skip
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     fused_head.MODULATION_GEMM = args.modulation_gemm
-    for text in args.head_setting:
-        for name, value in parse_variant(text).items():
-            setattr(fused_head, name, value)
+    for text in args.setting:
+        apply_settings(parse_settings(text))
 
     bundle = load_bundle(args.model, device=args.device, dtype=DTYPES[args.dtype])
     args.family = bundle.config.family

@@ -16,15 +16,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import runs_triton
-
+from kernels.dispatch import runs_triton, supports_pdl
 from model.rope import apply_rotary
 
 try:
     import triton
     import triton.language as tl
+
+    from kernels.dispatch import await_predecessor
 except ImportError:  # the references still work without triton
     triton = None
+
+# launch the kernels as programmatic dependents of the previous kernel (Hopper), see dispatch.py
+PDL = True
 
 # ---------------------------------------------------------------------------------------------
 # torch references
@@ -69,24 +73,31 @@ if triton is not None:
             return v.to(DTYPE).to(tl.float32)
 
     @triton.jit
-    def _add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, x_out_ptr, h_ptr, D, eps, HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+    def _add_rms_norm_kernel(
+        x_ptr, delta_ptr, w_ptr, x_out_ptr, h_ptr, D, eps,
+        HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < D
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        await_predecessor(PDL)
         x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0)
         x32 = x.to(tl.float32)
         if HAS_DELTA:  # rounded to the model's dtype, like x + delta
             x32 = _round_to(x32 + tl.load(delta_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32), x.dtype)
             tl.store(x_out_ptr + row * D + cols, x32.to(x.dtype), mask=mask)
         normed = _round_to(x32 / tl.sqrt(tl.sum(x32 * x32, axis=0) / D + eps), x.dtype)
-        h = _round_to(tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32) * normed, x.dtype)
+        h = _round_to(w * normed, x.dtype)
         tl.store(h_ptr + row * D + cols, h.to(h_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _rope_write_kv_kernel(
         q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
         stride_q, stride_k, stride_v, stride_cos, H: tl.constexpr, KV: tl.constexpr, DIM: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
+        await_predecessor(PDL)
         t = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         i = tl.arange(0, DIM)
@@ -100,7 +111,9 @@ if triton is not None:
             slot = tl.load(slots_ptr + t)
             src = k_ptr + t * stride_k + (head - H) * DIM
             dst = k_cache_ptr + (slot * KV + head - H) * DIM
-            tl.store(v_cache_ptr + (slot * KV + head - H) * DIM + i, tl.load(v_ptr + t * stride_v + (head - H) * DIM + i))
+            tl.store(
+                v_cache_ptr + (slot * KV + head - H) * DIM + i, tl.load(v_ptr + t * stride_v + (head - H) * DIM + i)
+            )
         x = tl.load(src + i)
         rotated = tl.load(src + partner).to(tl.float32)
         rotated = tl.where(i < DIM // 2, -rotated, rotated)
@@ -109,7 +122,8 @@ if triton is not None:
         tl.store(dst + i, _round_to(out, x.dtype).to(x.dtype))
 
     @triton.jit
-    def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, N, stride_g, stride_u, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, N, stride_g, stride_u, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        await_predecessor(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < N
@@ -124,6 +138,11 @@ if triton is not None:
 # dispatchers: Triton on CUDA (or under TRITON_INTERPRET=1 when forced), the references otherwise
 
 
+def _pdl_launch(t: torch.Tensor) -> dict:
+    pdl = PDL and supports_pdl(t)
+    return {"PDL": pdl, "launch_pdl": pdl}
+
+
 def add_rms_norm(x, delta, norm, use_triton=None):
     """See add_rms_norm_reference; x, delta contiguous [T, hidden]."""
     if not runs_triton(x, use_triton):
@@ -133,7 +152,7 @@ def add_rms_norm(x, delta, norm, use_triton=None):
     x_out = torch.empty_like(x) if delta is not None else x
     _add_rms_norm_kernel[(rows,)](
         x, delta if delta is not None else x, norm.weight, x_out, h, d, norm.eps,
-        HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(d), num_warps=8,
+        HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(d), num_warps=8, **_pdl_launch(x),
     )  # fmt: skip
     return x_out, h
 
@@ -147,7 +166,7 @@ def rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots, use_triton=None):
     q_out = torch.empty(tokens, heads, dim, device=q.device, dtype=q.dtype)
     _rope_write_kv_kernel[(tokens, heads + kv_heads)](
         q, k, v, cos, sin, q_out, k_cache, v_cache, slots,
-        q.stride(0), k.stride(0), v.stride(0), cos.stride(0), H=heads, KV=kv_heads, DIM=dim,
+        q.stride(0), k.stride(0), v.stride(0), cos.stride(0), H=heads, KV=kv_heads, DIM=dim, **_pdl_launch(q),
     )  # fmt: skip
     return q_out
 
@@ -158,5 +177,7 @@ def silu_mul(gate, up, use_triton=None):
     rows, n = gate.shape
     out = torch.empty(rows, n, device=gate.device, dtype=gate.dtype)
     block = 1024
-    _silu_mul_kernel[(rows, triton.cdiv(n, block))](gate, up, out, n, gate.stride(0), up.stride(0), BLOCK=block)
+    _silu_mul_kernel[(rows, triton.cdiv(n, block))](
+        gate, up, out, n, gate.stride(0), up.stride(0), BLOCK=block, **_pdl_launch(gate)
+    )
     return out

@@ -7,7 +7,9 @@ import functools
 import torch
 
 try:
-    import triton  # noqa: F401
+    import triton
+    import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU installs without triton run the references
     triton = None
 
@@ -29,3 +31,14 @@ def _capability(index: int) -> tuple[int, int]:
 def supports_pdl(t: torch.Tensor) -> bool:
     """Programmatic dependent launch (a kernel starts while its predecessor finishes): CUDA sm90+."""
     return TRITON_AVAILABLE and t.is_cuda and _capability(t.device.index) >= (9, 0)
+
+
+if triton is not None:
+
+    @triton.jit
+    def await_predecessor(PDL: tl.constexpr):
+        """Under programmatic dependent launch: wait until the previous kernel's writes are visible,
+        then let the next kernel start launching. Before this a kernel may read only weights."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()

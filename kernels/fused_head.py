@@ -21,8 +21,9 @@ from kernels.dispatch import runs_triton, supports_pdl
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
     from triton.language.random import pair_uniform_to_normal, uint_to_uniform_float
+
+    from kernels.dispatch import await_predecessor
 except ImportError:  # the references still work without triton
     triton = None
 
@@ -166,14 +167,6 @@ if triton is not None:
         return centered / tl.sqrt(tl.sum(centered * centered, axis=AXIS, keep_dims=True) / D + eps)
 
     @triton.jit
-    def _await_predecessor(PDL: tl.constexpr):
-        """Under programmatic dependent launch: wait until the previous kernel's writes are visible,
-        then let the next kernel start launching. Before this a kernel may read only weights."""
-        if PDL:
-            gdc_wait()
-            gdc_launch_dependents()
-
-    @triton.jit
     def _few_rows_kernel(
         x_ptr, w_ptr, b_ptr, out_ptr, gate_ptr, res_ptr, shift_ptr, scale_ptr, ln_w_ptr, ln_b_ptr,
         M, N, K, X_ROWS, stride_xm, stride_wn, stride_om, stride_gm, stride_rm, stride_mod, eps,
@@ -192,7 +185,7 @@ if triton is not None:
         if AFFINE:
             ln_w = tl.load(ln_w_ptr + rk, mask=k_ok, other=1.0).to(tl.float32)
             ln_b = tl.load(ln_b_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
-        _await_predecessor(PDL)
+        await_predecessor(PDL)
         rm = tl.arange(0, ROWS)
         row_mask = (rm[:, None] < M) & k_ok[None, :]
         x = tl.load(x_ptr + (rm % X_ROWS)[:, None] * stride_xm + rk[None, :], mask=row_mask, other=0.0)
@@ -247,7 +240,7 @@ if triton is not None:
         SLOTS: tl.constexpr, HAS_V: tl.constexpr, DIM: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0)
-        _await_predecessor(PDL)
+        await_predecessor(PDL)
         # the row's DIM numbers as a [DIM/4, 4] tile: element 4j+m is normal m of philox counter j
         j = tl.arange(0, DIM // 4)
         m = tl.arange(0, 4)

@@ -24,11 +24,14 @@ import os
 
 import torch
 
+from kernels.dispatch import supports_pdl
 from model.decoder import causal_attention
 
 try:
     import triton
     import triton.language as tl
+
+    from kernels.dispatch import await_predecessor
 except ImportError:  # CPU installs run the reference only
     triton = None
 
@@ -37,9 +40,10 @@ BACKENDS = ("reference", "triton", "flash_attn")
 _KEY_TILE = 64  # keys per inner-loop step; one step spans several cache blocks through the block table
 _PREFILL_ROWS = 64  # (query, head) rows per prefill program
 _MIN_DECODE_ROWS = 16  # tl.dot needs at least 16 rows
-_MIN_PARTITION = 256  # fewest keys worth a split-K program of its own
+_MIN_PARTITION = 128  # fewest keys worth a split-K program of its own (H200: 128 beat 64 and 256 at 1-2 images)
 _DECODE_PROGRAMS = 512  # enough decode programs to fill an H200's 132 SMs a few times over
 DECODE_LAUNCH: dict = {}  # num_warps / num_stages of the decode kernel (bench/gpu_check.py --sweeps them)
+PDL = True  # decode kernels launch as programmatic dependents of the previous kernel (Hopper), see dispatch.py
 
 
 class PagedAttentionError(ValueError):
@@ -277,19 +281,20 @@ def paged_decode_attention_triton(
     else:  # the kernel writes `out` directly and never touches the partial buffers
         partial_out = partial_max = partial_sum = out
     group = heads // kv_heads
+    pdl = PDL and supports_pdl(q)
     _decode_kernel[(num_seqs, kv_heads, num_partitions)](
         q, k_cache, v_cache, out, partial_out, partial_max, partial_sum,
         block_tables, seq_lens, 1.0 / math.sqrt(head_dim), partition_size, num_partitions,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, ROWS=max(_MIN_DECODE_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=k_cache.shape[1], KEY_TILE=_KEY_TILE, SPLIT=split, DOT_PRECISION=_dot_precision(q),
-        **DECODE_LAUNCH,
+        PDL=pdl, launch_pdl=pdl, **DECODE_LAUNCH,
     )  # fmt: skip
     if split:
         _reduce_partitions_kernel[(num_seqs, heads)](
             partial_out, partial_max, partial_sum, out, seq_lens, partition_size, num_partitions,
             out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, PARTITIONS=triton.next_power_of_2(num_partitions),
+            HEAD_DIM=head_dim, PARTITIONS=triton.next_power_of_2(num_partitions), PDL=pdl, launch_pdl=pdl,
         )  # fmt: skip
     return out
 
@@ -386,9 +391,10 @@ if triton is not None:
         block_tables_ptr, seq_lens_ptr, scale, partition_size, num_partitions,
         q_stride_t, q_stride_h, cache_stride_b, cache_stride_t, cache_stride_h, table_stride,
         GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        KEY_TILE: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        KEY_TILE: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """One program per (sequence, kv head, key partition): all query heads of the group as rows."""
+        await_predecessor(PDL)
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         partition = tl.program_id(2)
@@ -434,9 +440,10 @@ if triton is not None:
     @triton.jit
     def _reduce_partitions_kernel(
         partial_out_ptr, partial_max_ptr, partial_sum_ptr, out_ptr, seq_lens_ptr, partition_size, num_partitions,
-        out_stride_t, out_stride_h, HEAD_DIM: tl.constexpr, PARTITIONS: tl.constexpr,
+        out_stride_t, out_stride_h, HEAD_DIM: tl.constexpr, PARTITIONS: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """One program per (sequence, query head): merges its partitions' softmax pieces."""
+        await_predecessor(PDL)
         seq = tl.program_id(0)
         head = tl.program_id(1)
         seq_len = tl.load(seq_lens_ptr + seq)

@@ -165,6 +165,12 @@ class ModelRunner:
                 x = x + delta
         return model.norm(x[last_rows])
 
+    def warm_up_decode(self, num_seqs: int, max_len: int) -> None:
+        """Capture now every decode graph that a batch of num_seqs sequences replays up to max_len
+        positions (one per block-table width), so none is captured while such a batch runs."""
+        if self.decode_graphs is not None:
+            self.decode_graphs.warm_up(num_seqs, -(-max_len // self.block_size))
+
     def decode_image(self, tokens: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
         """tokens [N, token_dim] -> uint8 [H, W, 3], exactly as the reference decodes."""
         return self.generator.decode(tokens[None], grid_h, grid_w)[0]
@@ -221,14 +227,26 @@ class DecodeGraphs:
     def _bucket(value: int, sizes) -> int:
         return next(s for s in sizes if s >= value)
 
-    def run(self, x, positions, slots, tables, seq_lens) -> torch.Tensor:
-        n = x.shape[0]
-        batch = self._bucket(n, DECODE_BUCKETS)
-        width = 1 << max(len(t) for t in tables).bit_length()  # powers of two: few graphs, any length
+    @staticmethod
+    def _width(blocks: int) -> int:
+        return 1 << blocks.bit_length()  # powers of two: few graphs, any length
+
+    def warm_up(self, num_seqs: int, max_blocks: int) -> None:
+        batch = self._bucket(num_seqs, DECODE_BUCKETS)
+        for blocks in range(1, max_blocks + 1):
+            self._graph(batch, self._width(blocks))
+
+    def _graph(self, batch: int, width: int):
         key = (batch, width)
         if key not in self.graphs:
             self.graphs[key] = self._capture(batch, width)
-        graph, inputs, out = self.graphs[key]
+        return self.graphs[key]
+
+    def run(self, x, positions, slots, tables, seq_lens) -> torch.Tensor:
+        n = x.shape[0]
+        batch = self._bucket(n, DECODE_BUCKETS)
+        width = self._width(max(len(t) for t in tables))
+        graph, inputs, out = self._graph(batch, width)
         runner, pad = self.runner, batch - n
         scratch = runner.scratch_block
         device = x.device
