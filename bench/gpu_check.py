@@ -19,7 +19,6 @@ import traceback
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 
 from kernels.paged_attention import BACKENDS, paged_attention
 from model.bundle import load_bundle
@@ -172,18 +171,6 @@ def check_decoder_step(results: dict) -> None:
     gate, up = torch.randn(tokens, inner, **bf16), torch.randn(tokens, inner, **bf16)
     got, want = ds.silu_mul(gate, up).float(), ds.silu_mul_reference(gate, up).float()
     out["silu_mul_rel_error"] = ((got - want).norm() / want.norm()).item()
-    # rows_linear at the projections' shapes (qkv with bias, o, gate_up, down) against float64
-    for name, (n, k) in {"qkv": ((heads + 2 * kv_heads) * d, hidden), "o": (hidden, hidden),
-                         "gate_up": (2 * inner, hidden), "down": (hidden, inner)}.items():  # fmt: skip
-        weight = torch.randn(n, k, **bf16) / k**0.5
-        bias = torch.randn(n, **bf16) if name == "qkv" else None
-        for rows in (1, 2, 4):
-            x = torch.randn(rows, k, **bf16)
-            got = ds.rows_linear(x, weight, bias).double()
-            want = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
-            row = {"rel_error": ((got - want).norm() / want.norm()).item()}
-            row["ms"], row["cublas_ms"] = timed(lambda: ds.rows_linear(x, weight, bias)), timed(lambda: F.linear(x, weight, bias))
-            out[f"rows_linear_{name}_{rows}"] = row
     print("decoder step", out, flush=True)
     results["decoder_step"] = out
 

@@ -5,9 +5,7 @@ Eager PyTorch spends ~35 small kernels per layer on the glue between the matrix 
 decode step on an H200. Here each piece is one kernel:
 - add_rms_norm: the residual add and the next RMSNorm,
 - rope_write_kv: rotary embedding of q and k, k and v stored in the paged cache,
-- silu_mul: the MLP's SiLU(gate) * up,
-- rows_linear: a projection of a few rows (one or two images' branches) as a weight stream that
-  is requested before the previous kernel finishes (cuBLAS launches cannot be dependents).
+- silu_mul: the MLP's SiLU(gate) * up.
 Each rounds to the model's dtype where the eager code does, so the residual add, the rotary
 embedding and the cache write are bit-identical to it; the norm and SiLU may differ in the last
 bit (reduction order, exp). The references are the model's own modules and functions.
@@ -31,9 +29,6 @@ except ImportError:  # the references still work without triton
 
 # launch the kernels as programmatic dependents of the previous kernel (Hopper), see dispatch.py
 PDL = True
-ROWS_LINEAR_MAX_ROWS = 4  # rows_linear takes at most this many rows
-ROWS_LINEAR_BLOCK_N = 0  # weight rows per program; 0: picked from K
-ROWS_LINEAR_WARPS = 8
 
 # ---------------------------------------------------------------------------------------------
 # torch references
@@ -58,10 +53,6 @@ def rope_write_kv_reference(q, k, v, cos, sin, k_cache, v_cache, slots):
 
 def silu_mul_reference(gate, up):
     return F.silu(gate) * up
-
-
-def rows_linear_reference(x, weight, bias=None):
-    return F.linear(x, weight, bias)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,51 +134,6 @@ if triton is not None:
         tl.store(out_ptr + row * N + cols, _round_to(silu * u.to(tl.float32), g.dtype).to(g.dtype), mask=mask)
 
 
-    @triton.jit
-    def _weight_piece(w_ptr, rn, n_ok, stride_wn, START: tl.constexpr, SIZE: tl.constexpr):
-        rk = START + tl.arange(0, SIZE)
-        return tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=n_ok[:, None], other=0.0)
-
-    @triton.jit
-    def _piece_product(w, x_row_ptr, START: tl.constexpr, SIZE: tl.constexpr):
-        x = tl.load(x_row_ptr + START + tl.arange(0, SIZE)).to(tl.float32)
-        return tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-
-    @triton.jit
-    def _rows_linear_kernel(
-        x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, stride_om,
-        P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
-        HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
-    ):  # fmt: skip
-        """rows_linear: a program holds BLOCK_N whole weight rows, K = P0 + P1 + P2 + P3 in
-        power-of-two pieces (0: absent), all requested before waiting for the previous kernel."""
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = rn < N
-        w0 = _weight_piece(w_ptr, rn, n_ok, stride_wn, 0, P0)
-        if P1 > 0:
-            w1 = _weight_piece(w_ptr, rn, n_ok, stride_wn, P0, P1)
-        if P2 > 0:
-            w2 = _weight_piece(w_ptr, rn, n_ok, stride_wn, P0 + P1, P2)
-        if P3 > 0:
-            w3 = _weight_piece(w_ptr, rn, n_ok, stride_wn, P0 + P1 + P2, P3)
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-        await_predecessor(PDL)
-        for m in tl.static_range(ROWS):
-            if m < M:
-                row = x_ptr + m * stride_xm
-                acc = _piece_product(w0, row, 0, P0)
-                if P1 > 0:
-                    acc += _piece_product(w1, row, P0, P1)
-                if P2 > 0:
-                    acc += _piece_product(w2, row, P0 + P1, P2)
-                if P3 > 0:
-                    acc += _piece_product(w3, row, P0 + P1 + P2, P3)
-                if HAS_BIAS:
-                    acc += bias
-                tl.store(out_ptr + m * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
-
-
 # ---------------------------------------------------------------------------------------------
 # dispatchers: Triton on CUDA (or under TRITON_INTERPRET=1 when forced), the references otherwise
 
@@ -234,31 +180,4 @@ def silu_mul(gate, up, use_triton=None):
     _silu_mul_kernel[(rows, triton.cdiv(n, block))](
         gate, up, out, n, gate.stride(0), up.stride(0), BLOCK=block, **_pdl_launch(gate)
     )
-    return out
-
-
-def _pieces(k: int) -> list[int]:
-    """k as at most four powers of two, largest first."""
-    pieces = [1 << b for b in reversed(range(k.bit_length())) if k >> b & 1]
-    if len(pieces) > 4:
-        raise ValueError(f"rows_linear needs K as at most four powers of two, got {k}")
-    return pieces + [0] * (4 - len(pieces))
-
-
-def rows_linear(x, weight, bias=None, use_triton=None):
-    """x [M, K] (M <= ROWS_LINEAR_MAX_ROWS, unit stride in K) @ weight [N, K].T (+ bias) -> [M, N]."""
-    if not runs_triton(x, use_triton):
-        return rows_linear_reference(x, weight, bias)
-    m, k = x.shape
-    n = weight.shape[0]
-    if m > ROWS_LINEAR_MAX_ROWS:
-        raise ValueError(f"rows_linear takes at most {ROWS_LINEAR_MAX_ROWS} rows, got {m}")
-    out = torch.empty(m, n, device=x.device, dtype=weight.dtype)
-    block_n = ROWS_LINEAR_BLOCK_N or max(1, 16384 // triton.next_power_of_2(k))
-    p0, p1, p2, p3 = _pieces(k)
-    _rows_linear_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, out, m, n, x.stride(0), weight.stride(0), out.stride(0),
-        P0=p0, P1=p1, P2=p2, P3=p3, HAS_BIAS=bias is not None, ROWS=triton.next_power_of_2(m), BLOCK_N=block_n,
-        num_warps=ROWS_LINEAR_WARPS, **_pdl_launch(x),
-    )  # fmt: skip
     return out

@@ -9,8 +9,6 @@ from kernels.decoder_step import (
     add_rms_norm_reference,
     rope_write_kv,
     rope_write_kv_reference,
-    rows_linear,
-    rows_linear_reference,
     silu_mul,
     silu_mul_reference,
 )
@@ -56,22 +54,6 @@ def test_rope_write_kv_is_bit_identical_to_the_model_rotary_and_cache_write(dtyp
 def test_silu_mul_matches_reference(dtype, tol):
     gate, up = torch.randn(3, 2500).to(dtype), torch.randn(3, 2500).to(dtype)
     assert rel(silu_mul(gate, up, use_triton=True), silu_mul_reference(gate, up)) < tol
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("rows,k,with_bias", [(1, 64, True), (2, 96, False), (3, 200, True), (4, 15, False)])
-def test_rows_linear_matches_reference(dtype, tol, rows, k, with_bias):
-    # K in one to four power-of-two pieces; N not a multiple of the weight rows per program
-    x, weight = torch.randn(rows, k).to(dtype), (torch.randn(37, k) / k**0.5).to(dtype)
-    bias = torch.randn(37).to(dtype) if with_bias else None
-    assert rel(rows_linear(x, weight, bias, use_triton=True), rows_linear_reference(x, weight, bias)) < tol
-
-
-def test_rows_linear_refuses_what_it_cannot_take():
-    with pytest.raises(ValueError, match="at most 4 rows"):
-        rows_linear(torch.randn(5, 64), torch.randn(8, 64), use_triton=True)
-    with pytest.raises(ValueError, match="four powers of two"):
-        rows_linear(torch.randn(2, 31), torch.randn(8, 31), use_triton=True)
 
 
 def test_engine_with_fused_backbone_matches_the_reference_generator():

@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import decoder_step
-from kernels.decoder_step import add_rms_norm, rope_write_kv, rows_linear, silu_mul
+from kernels.decoder_step import add_rms_norm, rope_write_kv, silu_mul
 from kernels.paged_attention import paged_attention, write_kv
 from model.bundle import ModelBundle
 from model.rope import apply_rotary
@@ -145,28 +144,21 @@ class ModelRunner:
 
     def _forward_fused(self, x, positions, slots, tables, seq_lens, starts, last_rows) -> torch.Tensor:
         """forward() with the glue fused (kernels.decoder_step): one kernel each for residual add +
-        RMSNorm, rotary embedding + cache write, and SiLU * up; a few rows' projections stream
-        their weights (rows_linear)."""
+        RMSNorm, rotary embedding + cache write, and SiLU * up."""
         model, use = self.model, self.fused_kernels
         cos, sin = model.rotary.cos_sin(positions, x.dtype)
         total = x.shape[0]
-        few_rows = total <= decoder_step.ROWS_LINEAR_MAX_ROWS
-
-        def project(h, weight, bias=None):
-            return rows_linear(h, weight, bias, use_triton=use) if few_rows else F.linear(h, weight, bias)
-
         layers = model.layers
         x, h = add_rms_norm(x, None, layers[0].input_layernorm, use_triton=use)
         for i, (layer, proj) in enumerate(zip(layers, self.projections)):
             attn, d = layer.self_attn, layer.self_attn.head_dim
-            q, k, v = project(h, proj.qkv_weight, proj.qkv_bias).split(proj.qkv_sizes, dim=1)
+            q, k, v = proj.qkv(h).split(proj.qkv_sizes, dim=1)
             q, k, v = q.view(total, -1, d), k.view(total, -1, d), v.view(total, -1, d)
             q = rope_write_kv(q, k, v, cos, sin, self.k_cache[i], self.v_cache[i], slots, use_triton=use)
             out = paged_attention(q, self.k_cache[i], self.v_cache[i], tables, seq_lens, starts, backend=self.attention_backend)
-            o = project(out.view(total, -1), attn.o_proj.weight, attn.o_proj.bias)
-            x, h = add_rms_norm(x, o, layer.post_attention_layernorm, use_triton=use)
-            gate, up = project(h, proj.gate_up_weight, proj.gate_up_bias).chunk(2, dim=1)
-            delta = project(silu_mul(gate, up, use_triton=use), layer.mlp.down_proj.weight, layer.mlp.down_proj.bias)
+            x, h = add_rms_norm(x, attn.o_proj(out.view(total, -1)), layer.post_attention_layernorm, use_triton=use)
+            gate, up = proj.gate_up(h).chunk(2, dim=1)
+            delta = layer.mlp.down_proj(silu_mul(gate, up, use_triton=use))
             if i + 1 < len(layers):
                 x, h = add_rms_norm(x, delta, layers[i + 1].input_layernorm, use_triton=use)
             else:
@@ -208,6 +200,12 @@ class FusedProjections:
                 m.bias = torch.nn.Parameter(bias[start:end], requires_grad=False)
             start = end
         return weight, bias
+
+    def qkv(self, h):
+        return F.linear(h, self.qkv_weight, self.qkv_bias)
+
+    def gate_up(self, h):
+        return F.linear(h, self.gate_up_weight, self.gate_up_bias)
 
 
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 384, 512)
