@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import l2_prefetch
 from kernels.decoder_step import add_rms_norm, rope_write_kv, silu_mul
 from kernels.paged_attention import paged_attention, write_kv
 from model.bundle import ModelBundle
@@ -48,8 +47,6 @@ class ModelRunner:
         self.k_cache = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.v_cache = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.decode_graphs = DecodeGraphs(self) if device.type == "cuda" and use_graphs else None
-        probe = self.k_cache[0]
-        self.prefetch = l2_prefetch.SideStreamPrefetch() if self.fused_kernels and l2_prefetch.available(probe) else None
 
     @staticmethod
     def kv_bytes_per_block(bundle: ModelBundle, block_size: int) -> int:
@@ -147,47 +144,25 @@ class ModelRunner:
 
     def _forward_fused(self, x, positions, slots, tables, seq_lens, starts, last_rows) -> torch.Tensor:
         """forward() with the glue fused (kernels.decoder_step): one kernel each for residual add +
-        RMSNorm, rotary embedding + cache write, and SiLU * up. For a few rows each projection's
-        weights start streaming into L2 while the latency-bound kernels before it run."""
+        RMSNorm, rotary embedding + cache write, and SiLU * up."""
         model, use = self.model, self.fused_kernels
         cos, sin = model.rotary.cos_sin(positions, x.dtype)
         total = x.shape[0]
-        pf = self.prefetch if self.prefetch is not None and total <= l2_prefetch.MAX_ROWS else None
-
-        def prefetch(weight, megabytes):
-            if pf is not None:
-                pf.start(weight, megabytes)
-
-        def prefetched():
-            if pf is not None:
-                pf.join()
-
         layers = model.layers
         x, h = add_rms_norm(x, None, layers[0].input_layernorm, use_triton=use)
         for i, (layer, proj) in enumerate(zip(layers, self.projections)):
-            attn, mlp, d = layer.self_attn, layer.mlp, layer.self_attn.head_dim
-            prefetched()
+            attn, d = layer.self_attn, layer.self_attn.head_dim
             q, k, v = proj.qkv(h).split(proj.qkv_sizes, dim=1)
-            prefetch(attn.o_proj.weight, l2_prefetch.O_PROJ_MB)
             q, k, v = q.view(total, -1, d), k.view(total, -1, d), v.view(total, -1, d)
             q = rope_write_kv(q, k, v, cos, sin, self.k_cache[i], self.v_cache[i], slots, use_triton=use)
             out = paged_attention(q, self.k_cache[i], self.v_cache[i], tables, seq_lens, starts, backend=self.attention_backend)
-            prefetched()
-            o = attn.o_proj(out.view(total, -1))
-            prefetch(proj.gate_up_weight, l2_prefetch.GATE_UP_MB)
-            x, h = add_rms_norm(x, o, layer.post_attention_layernorm, use_triton=use)
-            prefetched()
+            x, h = add_rms_norm(x, attn.o_proj(out.view(total, -1)), layer.post_attention_layernorm, use_triton=use)
             gate, up = proj.gate_up(h).chunk(2, dim=1)
-            prefetch(mlp.down_proj.weight, l2_prefetch.DOWN_MB)
-            u = silu_mul(gate, up, use_triton=use)
-            prefetched()
-            delta = mlp.down_proj(u)
+            delta = layer.mlp.down_proj(silu_mul(gate, up, use_triton=use))
             if i + 1 < len(layers):
-                prefetch(self.projections[i + 1].qkv_weight, l2_prefetch.QKV_MB)
                 x, h = add_rms_norm(x, delta, layers[i + 1].input_layernorm, use_triton=use)
             else:
                 x = x + delta
-        prefetched()
         return model.norm(x[last_rows])
 
     def warm_up_decode(self, num_seqs: int, max_len: int) -> None:
