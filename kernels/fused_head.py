@@ -56,7 +56,7 @@ LN_EPS = 1e-6  # the head's LayerNorms
 # H200, ms per token, 50 steps (bench/results/head_few_rows*_s12.json): 2 rows 4.72 vs 9.53 with the
 # tiled kernels, 4 rows 7.22 vs 9.59; 8 rows 16.4 vs 10.2 (the products grow with the rows).
 FEW_ROWS = 4
-FEW_ROWS_TILES = ((4, 4), (8, 8))  # (weight rows per program, warps) up to 2 rows, and above
+FEW_ROWS_TILE = (8, 4)  # (weight rows per program, warps): the best at 2 and 4 rows on an H200 (s13)
 # Programmatic dependent launch (sm90+) for few_rows_linear and the update between them: a kernel is
 # launched while its predecessor runs and loads its weights before waiting for the predecessor's output.
 PDL = True
@@ -322,7 +322,7 @@ def few_rows_linear(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residual
     shift, scale, ln_weight, ln_bias = norm if norm is not None else (out, out, None, None)
     affine = ln_weight is not None
     pdl = _pdl(x)
-    block_n, warps = FEW_ROWS_TILES[0] if m <= 2 else FEW_ROWS_TILES[1]
+    block_n, warps = FEW_ROWS_TILE
     _few_rows_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias, out, gate_t, res_t, shift, scale, ln_weight if affine else bias, ln_bias if affine else bias,
         m, n, k, x_rows, x.stride(0), weight.stride(0), out.stride(0), gate_t.stride(0), res_t.stride(0),
