@@ -56,7 +56,6 @@ LN_EPS = 1e-6  # the head's LayerNorms
 # H200, ms per token, 50 steps (bench/results/head_few_rows*_s12.json): 2 rows 4.72 vs 9.53 with the
 # tiled kernels, 4 rows 7.22 vs 9.59; 8 rows 16.4 vs 10.2 (the products grow with the rows).
 FEW_ROWS = 4
-UPDATE_PROJECTS = True  # few rows: the guided update also computes the next step's input projection
 FEW_ROWS_TILE = (8, 4)  # (weight rows per program, warps): the best at 2 and 4 rows on an H200 (s13)
 # Programmatic dependent launch (sm90+) for few_rows_linear and the update between them: a kernel is
 # launched while its predecessor runs and loads its weights before waiting for the predecessor's output.
@@ -235,84 +234,44 @@ if triton is not None:
         tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _token_noise(seed, image, token, step, DIM: tl.constexpr):
-        """token_noise of R rows: seed, image, token int64 [R, 1] -> float32 [R, DIM], element 4j+m
-        being normal m of philox counter j (model.noise.philox_normal4)."""
-        j = tl.arange(0, DIM // 4)[None, :]
-        c0 = (j + 0 * seed).to(tl.uint32)
-        c1 = ((token & 0xFFFFFFFF) + 0 * j).to(tl.uint32)
-        c3 = ((image & 0xFFFFFFFF) + 0 * j).to(tl.uint32)
-        i0, i1, i2, i3 = tl.philox(seed + 0 * j, c0, c1, (step + 0 * c0).to(tl.uint32), c3)
-        n0, n1 = pair_uniform_to_normal(uint_to_uniform_float(i0), uint_to_uniform_float(i1))
-        n2, n3 = pair_uniform_to_normal(uint_to_uniform_float(i2), uint_to_uniform_float(i3))
-        m = tl.arange(0, 4)[None, None, :]
-        z = tl.where(m == 0, n0[:, :, None], tl.where(m == 1, n1[:, :, None],
-                     tl.where(m == 2, n2[:, :, None], n3[:, :, None])))  # fmt: skip
-        return tl.reshape(z, (z.shape[0], DIM))
-
-    @triton.jit
-    def _updated_rows(
-        v_ptr, x_ptr, cfg_ptr, cfg_img_ptr, rescale_ptr, seed_ptr, image_ptr, token_ptr, img, B, step, a, b, c,
-        SLOTS: tl.constexpr, HAS_V: tl.constexpr, DIM: tl.constexpr,
-    ):  # fmt: skip
-        """guided_update of images img (int [R, 1]) -> float32 [R, DIM]."""
-        z = _token_noise(tl.load(seed_ptr + img), tl.load(image_ptr + img), tl.load(token_ptr + img), step, DIM)
-        if HAS_V:
-            k = tl.arange(0, DIM)[None, :]
-            x = tl.load(x_ptr + img * DIM + k)
-            cond = tl.load(v_ptr + img * DIM + k).to(tl.float32)
-            u1 = tl.load(v_ptr + (B + img) * DIM + k).to(tl.float32)
-            cfg = tl.load(cfg_ptr + img)
-            if SLOTS == 2:
-                guided = u1 + cfg * (cond - u1)
-            else:
-                u2 = tl.load(v_ptr + (2 * B + img) * DIM + k).to(tl.float32)
-                guided = u2 + tl.load(cfg_img_ptr + img) * (u1 - u2) + cfg * (cond - u1)
-            cond_norm = tl.sqrt(tl.sum(cond * cond, axis=1, keep_dims=True))
-            guided_norm = tl.sqrt(tl.sum(guided * guided, axis=1, keep_dims=True))
-            ratio = tl.where(tl.load(rescale_ptr + img) != 0, tl.minimum(cond_norm / (guided_norm + 1e-6), 1.0), 1.0)
-            return a * x + b * (guided * ratio) + c * z
-        else:
-            return c * z
-
-    @triton.jit
     def _guided_update_kernel(
         v_ptr, x_ptr, out_ptr, cfg_ptr, cfg_img_ptr, rescale_ptr, seed_ptr, image_ptr, token_ptr,
         B, step, a, b, c,
         SLOTS: tl.constexpr, HAS_V: tl.constexpr, DIM: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        img = tl.program_id(0) + tl.zeros([1, 1], tl.int32)
+        row = tl.program_id(0)
         await_predecessor(PDL)
-        new = _updated_rows(
-            v_ptr, x_ptr, cfg_ptr, cfg_img_ptr, rescale_ptr, seed_ptr, image_ptr, token_ptr, img, B, step, a, b, c,
-            SLOTS, HAS_V, DIM,
-        )  # fmt: skip
-        tl.store(out_ptr + img * DIM + tl.arange(0, DIM)[None, :], new)
-
-    @triton.jit
-    def _update_project_kernel(
-        v_ptr, x_ptr, x_out_ptr, w_ptr, b_ptr, h_ptr, cfg_ptr, cfg_img_ptr, rescale_ptr, seed_ptr, image_ptr,
-        token_ptr, B, M, N, step, a, b, c, stride_wn, stride_hm,
-        SLOTS: tl.constexpr, DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
-    ):  # fmt: skip
-        """guided_update_project: each program updates every row (cheap) and projects them onto its
-        BLOCK_N columns; program 0 also stores the new x."""
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = rn < N
-        k = tl.arange(0, DIM)
-        w = tl.load(w_ptr + rn[:, None] * stride_wn + k[None, :], mask=n_ok[:, None], other=0.0)
-        bias = tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-        await_predecessor(PDL)
-        rm = tl.arange(0, ROWS)[:, None]
-        new = _updated_rows(
-            v_ptr, x_ptr, cfg_ptr, cfg_img_ptr, rescale_ptr, seed_ptr, image_ptr, token_ptr, rm % B, B, step, a, b, c,
-            SLOTS, True, DIM,
-        )  # fmt: skip
-        if tl.program_id(0) == 0:
-            tl.store(x_out_ptr + rm * DIM + k[None, :], new, mask=rm < B)
-        x = new.to(w_ptr.dtype.element_ty).to(tl.float32)  # rounded as few_rows_linear rounds its input
-        acc = tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2) + bias[None, :]
-        tl.store(h_ptr + rm * stride_hm + rn[None, :], acc.to(h_ptr.dtype.element_ty), mask=(rm < M) & n_ok[None, :])
+        # the row's DIM numbers as a [DIM/4, 4] tile: element 4j+m is normal m of philox counter j
+        j = tl.arange(0, DIM // 4)
+        m = tl.arange(0, 4)
+        offs = j[:, None] * 4 + m[None, :]
+        seed = tl.load(seed_ptr + row)
+        token = (tl.load(token_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
+        image = (tl.load(image_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
+        c0 = j.to(tl.uint32)
+        i0, i1, i2, i3 = tl.philox(seed, c0, token + c0 * 0, (step + c0 * 0).to(tl.uint32), image + c0 * 0)
+        n0, n1 = pair_uniform_to_normal(uint_to_uniform_float(i0), uint_to_uniform_float(i1))
+        n2, n3 = pair_uniform_to_normal(uint_to_uniform_float(i2), uint_to_uniform_float(i3))
+        z = tl.where(m[None, :] == 0, n0[:, None], tl.where(m[None, :] == 1, n1[:, None],
+                     tl.where(m[None, :] == 2, n2[:, None], n3[:, None])))  # fmt: skip
+        if HAS_V:
+            x = tl.load(x_ptr + row * DIM + offs)
+            cond = tl.load(v_ptr + row * DIM + offs).to(tl.float32)
+            u1 = tl.load(v_ptr + (B + row) * DIM + offs).to(tl.float32)
+            cfg = tl.load(cfg_ptr + row)
+            if SLOTS == 2:
+                guided = u1 + cfg * (cond - u1)
+            else:
+                u2 = tl.load(v_ptr + (2 * B + row) * DIM + offs).to(tl.float32)
+                guided = u2 + tl.load(cfg_img_ptr + row) * (u1 - u2) + cfg * (cond - u1)
+            if tl.load(rescale_ptr + row) != 0:
+                cond_norm = tl.sqrt(tl.sum(tl.sum(cond * cond, axis=1), axis=0))
+                guided_norm = tl.sqrt(tl.sum(tl.sum(guided * guided, axis=1), axis=0))
+                guided = guided * tl.minimum(cond_norm / (guided_norm + 1e-6), 1.0)
+            new = a * x + b * guided + c * z
+        else:
+            new = c * z
+        tl.store(out_ptr + row * DIM + offs, new)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,30 +389,6 @@ def guided_update(v, x, cfg, cfg_img, rescale, seed, image, token, step, a, b, c
     return out
 
 
-def guided_update_project(v, x, cfg, cfg_img, rescale, seed, image, token, step, a, b, c, weight, bias, rows,
-                          use_triton=None):
-    """guided_update, then the head's input projection of the new x for `rows` rows (row r is x's
-    row r % B), in one kernel for at most FEW_ROWS rows. Returns (new x float32 [B, D], h [rows, N])."""
-    if not runs_triton(x, use_triton):
-        new = guided_update(v, x, cfg, cfg_img, rescale, seed, image, token, step, a, b, c, use_triton=False)
-        return new, few_rows_linear_reference(new, weight, bias, rows=rows)
-    images, dim = x.shape
-    if rows > FEW_ROWS:
-        raise ValueError(f"guided_update_project takes at most {FEW_ROWS} rows, got {rows}")
-    n = weight.shape[0]
-    new = torch.empty(images, dim, device=x.device, dtype=torch.float32)
-    h = torch.empty(rows, n, device=x.device, dtype=weight.dtype)
-    pdl = _pdl(x)
-    block_n, warps = FEW_ROWS_TILE
-    _update_project_kernel[(triton.cdiv(n, block_n),)](
-        v, x, new, weight, bias, h, cfg, cfg_img, rescale, seed, image, token,
-        images, rows, n, step, float(a), float(b), float(c), weight.stride(0), h.stride(0),
-        SLOTS=v.shape[0], DIM=dim, ROWS=triton.next_power_of_2(rows), BLOCK_N=block_n, PDL=pdl,
-        num_warps=warps, launch_pdl=pdl,
-    )  # fmt: skip
-    return new, h
-
-
 class FusedHead:
     """The head's weights arranged for the fused step (all adaLN projections in one matrix).
 
@@ -492,27 +427,12 @@ class FusedHead:
         is x's row r % B under condition r) -> velocity [R, token_dim] in the head's dtype."""
         net, use = self.net, self.use_triton
         rows = mod.shape[0]
-        if self.few_rows(x, rows):
-            h = few_rows_linear(x, net.input_proj.weight, net.input_proj.bias, rows=rows, use_triton=use)
-            return self.velocity_from_input(h, mod)
+        if rows <= FEW_ROWS and runs_triton(x, use):
+            return self._velocity_few_rows(x, mod)
         h = linear(x, net.input_proj.weight, net.input_proj.bias, rows=rows, use_triton=use)
         on_cublas = rows >= CUBLAS_BLOCKS_MIN_ROWS and runs_triton(x, use)
         u = self._blocks_on_cublas(h, mod) if on_cublas else self._blocks_on_triton(h, mod)
         return linear(u, net.final_layer.linear.weight, net.final_layer.linear.bias, use_triton=use)
-
-    def few_rows(self, x: torch.Tensor, rows: int) -> bool:
-        """Whether `rows` rows run on few_rows_linear kernels (and may use guided_update_project)."""
-        return rows <= FEW_ROWS and runs_triton(x, self.use_triton)
-
-    def update_projects(self, x: torch.Tensor, rows: int) -> bool:
-        """Whether the sampling loop should call update_project (then velocity_from_input)."""
-        return UPDATE_PROJECTS and self.few_rows(x, rows)
-
-    def update_project(self, v, x, scales, counters, step, a, b, c, rows):
-        """guided_update_project with this head's input projection: (new x, next step's h)."""
-        proj = self.net.input_proj
-        return guided_update_project(v, x, *scales, *counters, step, a, b, c, proj.weight, proj.bias, rows,
-                                     use_triton=self.use_triton)  # fmt: skip
 
     def _modulation(self, mod: torch.Tensor, j: int) -> tuple[torch.Tensor, ...]:
         """Block j's shift, scale and gate columns of one step's modulations (j = depth: the final
@@ -520,10 +440,10 @@ class FusedHead:
         d = self.width
         return mod[:, 3 * d * j :].split(d, dim=1)[:3]
 
-    def velocity_from_input(self, h: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
-        """velocity() from the input projection h [R, D] on, for few rows: two few_rows_linear
-        kernels per residual block, each LayerNorm inside, then the final layer."""
+    def _velocity_few_rows(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        """velocity() as few_rows_linear kernels: two per residual block, each LayerNorm inside."""
         net, use = self.net, self.use_triton
+        h = few_rows_linear(x, net.input_proj.weight, net.input_proj.bias, rows=mod.shape[0], use_triton=use)
         for j, block in enumerate(net.res_blocks):
             shift, scale, gate = self._modulation(mod, j)
             first, second = block.mlp[0], block.mlp[2]

@@ -147,17 +147,12 @@ def fused_sample_loop(fused: FusedHead, key: GraphKey, batch: StaticBatch, t_emb
     scales = (batch.cfg[:, 0], batch.cfg_img[:, 0], batch.rescale[:, 0])
     x = torch.zeros(key.bucket, batch.blocks.shape[1] * 4, device=batch.seed.device)
     x = guided_update(None, x, *scales, *counters, 0, 0.0, 0.0, 1.0, use_triton=fused.use_triton)
-    h = None  # the next step's input projection, when the update computed it (few rows: one kernel less)
     for i in range(key.num_steps):
         if i % chunk == 0:
             mods = fused.modulations(t_emb[i : i + chunk], cond_emb)
-        mod = mods[i % chunk]
-        v = (fused.velocity(x, mod) if h is None else fused.velocity_from_input(h, mod)).view(key.slots, key.bucket, -1)
+        v = fused.velocity(x, mods[i % chunk]).view(key.slots, key.bucket, -1)
         a, b, c = update_coefficients(params, i)
-        if i + 1 < key.num_steps and fused.update_projects(x, rows):
-            x, h = fused.update_project(v, x, scales, counters, i + 1, a, b, c, rows)
-        else:
-            x = guided_update(v, x, *scales, *counters, i + 1, a, b, c, use_triton=fused.use_triton)
+        x = guided_update(v, x, *scales, *counters, i + 1, a, b, c, use_triton=fused.use_triton)
     normed = F.layer_norm(x, x.shape[-1:], eps=TOKEN_NORM_EPS)
     return torch.where(batch.use_norm, normed, x)
 
