@@ -17,9 +17,19 @@ import json
 import torch
 
 from bench.gpu_check import timed
-from bench.head_bench import kernel_table
+from bench.head_bench import graphed, kernel_table
 from model.bundle import load_bundle
 from server.engine.model_runner import ModelRunner
+
+
+def random_runner(seqs: int, length: int, model: str = "nextstep-1-large") -> ModelRunner:
+    """A runner over the preset's random bf16 weights with a random KV cache for `seqs` sequences
+    of `length` positions (no decode graphs of its own). Call under inference_mode."""
+    bundle = load_bundle(model, device="cuda", dtype=torch.bfloat16)
+    runner = ModelRunner(bundle, seqs * -(-length // 16), 16, use_graphs=False)
+    for cache in runner.k_cache + runner.v_cache:
+        cache.normal_()
+    return runner
 
 
 def decode_inputs(runner: ModelRunner, first_seq: int, seqs: int, length: int) -> dict:
@@ -39,20 +49,6 @@ def decode_inputs(runner: ModelRunner, first_seq: int, seqs: int, length: int) -
         "starts": torch.arange(seqs + 1, dtype=torch.int32, device=device),
         "last_rows": torch.arange(seqs, device=device),
     }
-
-
-def capture(fn, stream: torch.cuda.Stream | None = None) -> tuple[torch.cuda.CUDAGraph, object]:
-    """fn warmed up twice on `stream` (a new one by default), then captured there with its own pool."""
-    stream = stream or torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        out = fn()
-    return graph, out
 
 
 PROFILE_REPLAYS = 5
@@ -100,20 +96,16 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="also each graph's kernels by GPU time")
     p.add_argument("--json")
     args = p.parse_args()
-    bundle = load_bundle("nextstep-1-large", device="cuda", dtype=torch.bfloat16)
-    blocks = max(args.seqs) * -(-max(args.length) // 16)
     results = []
     with torch.inference_mode():
-        runner = ModelRunner(bundle, blocks, 16, use_graphs=False)
-        for cache in runner.k_cache + runner.v_cache:
-            cache.normal_()
+        runner = random_runner(max(args.seqs), max(args.length))
         for length in args.length:
             for seqs in args.seqs:
                 inputs = decode_inputs(runner, 0, seqs, length)
                 graphs = {}
                 for text in ["default", *args.variant]:
                     previous = apply_settings(parse_settings(text) if text != "default" else {})
-                    graphs[text] = capture(lambda inputs=inputs: runner.forward(**inputs))
+                    graphs[text] = graphed(lambda inputs=inputs: runner.forward(**inputs))
                     apply_settings(previous)
                 for graph, _ in graphs.values():
                     graph.replay()  # a capture computes nothing: fill the outputs once

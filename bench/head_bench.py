@@ -35,15 +35,17 @@ class HeadOnly(torch.nn.Module):
         self.device, self.dtype = torch.device("cuda"), torch.bfloat16
 
 
-def graphed(fn):
-    stream = torch.cuda.Stream()
+def graphed(fn, stream: torch.cuda.Stream | None = None) -> tuple[torch.cuda.CUDAGraph, object]:
+    """fn warmed up twice on `stream` (a new one by default), then captured there with its own pool:
+    (graph, fn's output, which each replay rewrites)."""
+    stream = stream or torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         fn()
         fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         out = fn()
     return graph, out
 

@@ -7,7 +7,8 @@ graph replay then one head graph replay (all 50 sampling steps). This times, per
 - `whole`: one cohort of I images, backbone then head (what the engine does today),
 - `halves_serial`: two cohorts of I/2, one after the other,
 - `halves_overlapped`: the two cohorts on two streams, offset by one phase (cohort A's backbone
-  beside cohort B's head), so the GPU can run one's kernels in the other's gaps,
+  beside cohort B's head), so the GPU can run one's kernels in the other's gaps
+  (`halves_pipelined`: the same without waiting for both at the end of every step),
 and, to see where overlap comes from, the two backbones alone and the two heads alone side by side.
 Each cohort's graphs have their own memory pool and capture stream (so their cuBLAS workspaces
 differ); random bf16 `nextstep-1-large` weights; the KV cache is random.
@@ -20,8 +21,9 @@ import json
 
 import torch
 
-from bench.backbone_bench import capture, decode_inputs
-from model.bundle import load_bundle
+from bench.backbone_bench import decode_inputs, random_runner
+from bench.gpu_check import timed
+from bench.head_bench import graphed
 from server.engine.graphed_head import GraphedHeadSampler, GraphKey, StaticBatch
 from server.engine.model_runner import ModelRunner
 
@@ -34,35 +36,25 @@ class Cohort:
     ):
         self.stream = torch.cuda.Stream()
         self.inputs = decode_inputs(runner, 2 * first, 2 * images, length)  # the graphs read these on every replay
-        self.backbone, _ = capture(lambda: runner.forward(**self.inputs), self.stream)
+        self.backbone, _ = graphed(lambda: runner.forward(**self.inputs), self.stream)
         key = GraphKey("legacy-sde", steps, 1.0, 2, False, images)
         self.batch = StaticBatch(key, runner.model)
         self.batch.conditions.normal_()
         self.batch.cfg.fill_(7.5)
         self.batch.seed.copy_(torch.arange(images, device=runner.model.device)[:, None])
-        self.head, _ = capture(lambda: sampler._loop(key, self.batch), self.stream)
+        self.head, _ = graphed(lambda: sampler._loop(key, self.batch), self.stream)
 
 
-def timed_ms(schedule, streams, steps: int, repeats: int = 3) -> float:
-    """Median over `repeats` of (wall of `steps` calls of schedule()) / steps, in ms; the current
-    stream waits for `streams` after each call, so a call's work is all inside its time."""
+def timed_ms(schedule, streams, steps: int) -> float:
+    """ms per call of schedule(), timed over `steps` calls after each of which the current stream
+    waits for `streams` (so a call's work is all inside its time)."""
 
-    def once():
-        schedule()
-        joined(*streams)
-
-    once()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    def run():
         for _ in range(steps):
-            once()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / steps)
-    return sorted(times)[len(times) // 2]
+            schedule()
+            joined(*streams)
+
+    return timed(run, repeat=3) / steps
 
 
 def on(stream: torch.cuda.Stream, *graphs) -> None:
@@ -77,11 +69,11 @@ def joined(*streams) -> None:
         torch.cuda.current_stream().wait_stream(s)
 
 
-def measure(runner: ModelRunner, bundle, args, length: int) -> dict:
+def measure(runner: ModelRunner, args, length: int) -> dict:
     half = args.images // 2
-    whole = Cohort(runner, GraphedHeadSampler(bundle.model), 0, args.images, length, args.steps)
-    a = Cohort(runner, GraphedHeadSampler(bundle.model), 0, half, length, args.steps)
-    b = Cohort(runner, GraphedHeadSampler(bundle.model), half, half, length, args.steps)
+    whole = Cohort(runner, GraphedHeadSampler(runner.model), 0, args.images, length, args.steps)
+    a = Cohort(runner, GraphedHeadSampler(runner.model), 0, half, length, args.steps)
+    b = Cohort(runner, GraphedHeadSampler(runner.model), half, half, length, args.steps)
     s1, s2 = a.stream, b.stream
 
     def overlapped():
@@ -128,15 +120,11 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=5, help="engine steps per timing")
     p.add_argument("--json")
     args = p.parse_args()
-    bundle = load_bundle(args.model, device="cuda", dtype=torch.bfloat16)
-    runner_blocks = 2 * args.images * (-(-max(args.length) // 16))
     results = []
     with torch.inference_mode():
-        runner = ModelRunner(bundle, runner_blocks, 16, use_graphs=False)
-        for cache in runner.k_cache + runner.v_cache:
-            cache.normal_()
+        runner = random_runner(2 * args.images, max(args.length), args.model)
         for length in args.length:
-            row = measure(runner, bundle, args, length)
+            row = measure(runner, args, length)
             results.append(row)
             print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
             if args.json:

@@ -56,7 +56,7 @@ LN_EPS = 1e-6  # the head's LayerNorms
 # H200, ms per token, 50 steps (bench/results/head_few_rows*_s12.json): 2 rows 4.72 vs 9.53 with the
 # tiled kernels, 4 rows 7.22 vs 9.59; 8 rows 16.4 vs 10.2 (the products grow with the rows).
 FEW_ROWS = 4
-FEW_ROWS_TILE = (8, 4)  # (weight rows per program, warps): the best at 2 and 4 rows on an H200 (s13)
+FEW_ROWS_TILE = (8, 4)  # (weight rows per program, warps): best at 2 and 4 rows, head_few_rows_tiles_h200_s13.json
 # Programmatic dependent launch (sm90+) for few_rows_linear and the update between them: a kernel is
 # launched while its predecessor runs and loads its weights before waiting for the predecessor's output.
 PDL = True
