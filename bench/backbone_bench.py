@@ -24,7 +24,7 @@ from server.engine.model_runner import ModelRunner
 
 def random_runner(seqs: int, length: int, model: str = "nextstep-1-large") -> ModelRunner:
     """A runner over the preset's random bf16 weights with a random KV cache for `seqs` sequences
-    of `length` positions (no decode graphs of its own). Call under inference_mode."""
+    of `length` positions (no decode graphs of its own)."""
     bundle = load_bundle(model, device="cuda", dtype=torch.bfloat16)
     runner = ModelRunner(bundle, seqs * -(-length // 16), 16, use_graphs=False)
     for cache in runner.k_cache + runner.v_cache:
@@ -97,8 +97,8 @@ def main() -> None:
     p.add_argument("--json")
     args = p.parse_args()
     results = []
+    runner = random_runner(max(args.seqs), max(args.length))
     with torch.inference_mode():
-        runner = random_runner(max(args.seqs), max(args.length))
         for length in args.length:
             for seqs in args.seqs:
                 inputs = decode_inputs(runner, 0, seqs, length)

@@ -121,8 +121,8 @@ def main() -> None:
     p.add_argument("--json")
     args = p.parse_args()
     results = []
+    runner = random_runner(2 * args.images, max(args.length), args.model)
     with torch.inference_mode():
-        runner = random_runner(2 * args.images, max(args.length), args.model)
         for length in args.length:
             row = measure(runner, args, length)
             results.append(row)
