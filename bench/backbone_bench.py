@@ -11,13 +11,13 @@ replays it for a pure-decode step. --variant re-times it with module settings of
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 
 import torch
 
 from bench.gpu_check import timed
 from bench.head_bench import graphed, kernel_table
+from bench.settings import apply_settings, parse_settings
 from model.bundle import load_bundle
 from server.engine.model_runner import ModelRunner
 
@@ -64,27 +64,6 @@ def profiled(fn):
             fn()
         torch.cuda.synchronize()
     return prof
-
-
-def parse_settings(text: str) -> dict[tuple[str, str], object]:
-    """'decoder_step.PDL=false,...' -> {(module, name): value}, typed like the current value."""
-    settings = {}
-    for item in text.split(","):
-        path, value = item.split("=")
-        module, name = path.rsplit(".", 1)
-        current = getattr(importlib.import_module(f"kernels.{module}"), name)  # only existing settings
-        settings[(module, name)] = value.lower() in ("1", "true") if isinstance(current, bool) else type(current)(value)
-    return settings
-
-
-def apply_settings(settings: dict) -> dict:
-    """Set them; returns the previous values (apply_settings(previous) restores)."""
-    previous = {}
-    for (module, name), value in settings.items():
-        target = importlib.import_module(f"kernels.{module}")
-        previous[(module, name)] = getattr(target, name)
-        setattr(target, name, value)
-    return previous
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from dataclasses import replace
 
 import torch
 
-from bench.backbone_bench import apply_settings, parse_settings
+from bench.settings import apply_settings, parse_settings
 from kernels import fused_head
 from model.bundle import load_bundle
 from model.generate import DTYPES, parse_size

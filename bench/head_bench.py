@@ -16,6 +16,7 @@ import json
 import torch
 
 from bench.gpu_check import BF16_FLOPS, HBM_BYTES_PER_S, timed
+from bench.settings import apply_settings, parse_settings
 from kernels import fused_head
 from kernels.fused_head import FusedHead
 from model.head import FlowMatchingHead
@@ -83,33 +84,21 @@ def sweep(fused, key, batch, t_emb) -> list[dict]:
     return out
 
 
-def parse_variant(text: str) -> dict:
-    settings = {}
-    for item in text.split(","):
-        name, value = item.split("=")
-        current = getattr(fused_head, name)  # only existing settings
-        settings[name] = value.lower() in ("1", "true") if isinstance(current, bool) else type(current)(value)
-    return settings
-
-
 def variants(texts, fused, key, batch, t_emb, plain_out) -> list[dict]:
     """The fused loop's graph time and difference from the plain loop under other settings."""
     out = []
     for text in texts:
-        settings = parse_variant(text)
-        saved = {name: getattr(fused_head, name) for name in settings}
+        settings = parse_settings(text, "fused_head")
+        previous = apply_settings(settings)
         try:
-            for name, value in settings.items():
-                setattr(fused_head, name, value)
             with torch.inference_mode():
                 graph, result = graphed(lambda: fused_sample_loop(fused, key, batch, t_emb))
                 ms = timed(graph.replay)
                 graph.replay()
             diff = ((result - plain_out).norm() / plain_out.norm()).item()
         finally:
-            for name, value in saved.items():
-                setattr(fused_head, name, value)
-        out.append(dict(settings, ms=ms, rel_diff=diff))
+            apply_settings(previous)
+        out.append({**{name: value for (_, name), value in settings.items()}, "ms": ms, "rel_diff": diff})
         print(f"    {text}: {ms:.2f} ms (rel diff {diff:.2e})", flush=True)
     return out
 
