@@ -1,4 +1,4 @@
-"""Module settings of kernels/ changed for a benchmark run: 'decoder_step.PDL=false,...'."""
+"""Module settings of kernels/ changed for a benchmark run: 'decoder_step.PDL=false,fused_head.FEW_ROWS_TILE=8x4'."""
 
 from __future__ import annotations
 
@@ -13,7 +13,12 @@ def parse_settings(text: str, module: str | None = None) -> dict[tuple[str, str]
         path, value = item.split("=")
         owner, name = path.rsplit(".", 1) if "." in path else (module, path)
         current = getattr(importlib.import_module(f"kernels.{owner}"), name)  # only existing settings
-        settings[(owner, name)] = value.lower() in ("1", "true") if isinstance(current, bool) else type(current)(value)
+        if isinstance(current, bool):
+            settings[(owner, name)] = value.lower() in ("1", "true")
+        elif isinstance(current, tuple):  # '16x8' -> (16, 8)
+            settings[(owner, name)] = tuple(int(v) for v in value.split("x"))
+        else:
+            settings[(owner, name)] = type(current)(value)
     return settings
 
 
