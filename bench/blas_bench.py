@@ -26,6 +26,7 @@ def set_choice(choice: str) -> None:
     tunable = choice == "tunableop"
     torch.cuda.tunable.enable(tunable)
     torch.cuda.tunable.tuning_enable(tunable)
+    torch.cuda.tunable.set_filename("/tmp/tunableop_results.csv")  # not the working tree
 
 
 def compare(label: str, fn, choices: list[str], rounds: int, results: list) -> None:
@@ -56,7 +57,6 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json")
     args = p.parse_args()
-    torch.cuda.tunable.write_file_on_exit(False)
     results: list = []
     with torch.inference_mode():
         if args.seqs:

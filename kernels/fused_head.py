@@ -57,13 +57,6 @@ LN_EPS = 1e-6  # the head's LayerNorms
 # tiled kernels, 4 rows 7.22 vs 9.59; 8 rows 16.4 vs 10.2 (the products grow with the rows).
 FEW_ROWS = 4
 FEW_ROWS_TILE = (8, 4)  # (weight rows per program, warps): best at 2 and 4 rows, head_few_rows_tiles_h200_s13.json
-# Up to FEW_ROWS rows a residual block may run as one kernel instead of two (one dependent hop
-# fewer): each program takes a few hidden units (rows of the first weight, columns of the second)
-# and adds its share of the block's output into sums kept in 2^-FIXED_POINT_BITS fixed point
-# (int64 atomics are exact, so the order the programs' adds land in cannot change the result).
-FEW_ROWS_BLOCK_KERNEL = True
-FEW_ROWS_BLOCK_TILE = (8, 4)  # (hidden units per program, warps)
-FIXED_POINT_BITS = 32
 # Programmatic dependent launch (sm90+) for few_rows_linear and the update between them: a kernel is
 # launched while its predecessor runs and loads its weights before waiting for the predecessor's output.
 PDL = True
@@ -96,31 +89,10 @@ def linear_reference(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residua
 
 def few_rows_linear_reference(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residual=None, rows=None, norm=None):
     """linear_reference of x, or of ln_modulate_reference(x, *norm) when norm = (shift, scale,
-    LayerNorm weight or None, LayerNorm bias or None) is given. An int64 x holds fixed-point sums
-    (few_rows_block's output), read as the weights' dtype."""
-    if x.dtype == torch.int64:
-        x = from_fixed(x, weight.dtype)
+    LayerNorm weight or None, LayerNorm bias or None) is given."""
     if norm is not None:
         x = ln_modulate_reference(x, *norm)
     return linear_reference(x, weight, bias, epilogue, gate, residual, rows)
-
-
-def to_fixed(h: torch.Tensor) -> torch.Tensor:
-    return (h.float() * 2.0**FIXED_POINT_BITS).to(torch.int64)
-
-
-def from_fixed(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (q.float() * 2.0**-FIXED_POINT_BITS).to(dtype)
-
-
-def few_rows_block_reference(h, first_weight, first_bias, second_weight_t, second_bias, norm, gate):
-    """A residual block, h + gate * (W2 silu(W1 ln_modulate(h, *norm) + b1) + b2), as
-    few_rows_linear_reference computes it, returned in fixed point. h: [M, D] (or fixed-point
-    int64); second_weight_t: W2 transposed ([hidden, D])."""
-    if h.dtype == torch.int64:
-        h = from_fixed(h, first_weight.dtype)
-    u = few_rows_linear_reference(h, first_weight, first_bias, EPILOGUE_BIAS_SILU, norm=norm)
-    return to_fixed(few_rows_linear_reference(u, second_weight_t.t(), second_bias, EPILOGUE_GATED_RESIDUAL, gate, h))
 
 
 def ln_modulate_reference(h, shift, scale, weight=None, bias=None, eps=LN_EPS):
@@ -197,8 +169,8 @@ if triton is not None:
     @triton.jit
     def _few_rows_kernel(
         x_ptr, w_ptr, b_ptr, out_ptr, gate_ptr, res_ptr, shift_ptr, scale_ptr, ln_w_ptr, ln_b_ptr,
-        M, N, K, X_ROWS, stride_xm, stride_wn, stride_om, stride_gm, stride_rm, stride_mod, eps, fixed_unit,
-        EPILOGUE: tl.constexpr, NORM: tl.constexpr, AFFINE: tl.constexpr, X_FIXED: tl.constexpr, ROWS: tl.constexpr,
+        M, N, K, X_ROWS, stride_xm, stride_wn, stride_om, stride_gm, stride_rm, stride_mod, eps,
+        EPILOGUE: tl.constexpr, NORM: tl.constexpr, AFFINE: tl.constexpr, ROWS: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """few_rows_linear: a program holds BLOCK_N whole weight rows (K <= BLOCK_K) and multiplies
@@ -216,8 +188,8 @@ if triton is not None:
         await_predecessor(PDL)
         rm = tl.arange(0, ROWS)
         row_mask = (rm[:, None] < M) & k_ok[None, :]
-        x = tl.load(x_ptr + (rm % X_ROWS)[:, None] * stride_xm + rk[None, :], mask=row_mask, other=0)
-        x = _unfixed(x, fixed_unit, w_ptr.dtype.element_ty) if X_FIXED else x.to(tl.float32)
+        x = tl.load(x_ptr + (rm % X_ROWS)[:, None] * stride_xm + rk[None, :], mask=row_mask, other=0.0)
+        x = x.to(tl.float32)
         out_mask = (rm[:, None] < M) & n_ok[None, :]
         if EPILOGUE == 2:  # requested with x, not after the reduction
             gate = tl.load(gate_ptr + rm[:, None] * stride_gm + rn[None, :], mask=out_mask, other=0.0)
@@ -236,51 +208,6 @@ if triton is not None:
         if EPILOGUE == 2:
             acc = res.to(tl.float32) + gate.to(tl.float32) * acc
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-
-    @triton.jit
-    def _unfixed(q, fixed_unit, dtype: tl.constexpr):
-        """Fixed-point sums as float32 values rounded to dtype, as from_fixed reads them."""
-        return (q.to(tl.float32) * fixed_unit).to(dtype).to(tl.float32)
-
-    @triton.jit
-    def _few_rows_block_kernel(
-        h_ptr, w1_ptr, b1_ptr, w2t_ptr, b2_ptr, shift_ptr, scale_ptr, gate_ptr, ln_w_ptr, ln_b_ptr, out_ptr,
-        M, D, HIDDEN, stride_h, stride_mod, stride_g, stride_o, eps, fixed_unit,
-        H_FIXED: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
-    ):  # fmt: skip
-        """few_rows_block: this program's BLOCK_N hidden units of u = silu(W1 ln_modulate(h) + b1),
-        their share gate * W2[:, units] u of the block's output (plus h + gate * b2 on the output
-        columns with the same indices), added into out in fixed point."""
-        pid = tl.program_id(0)
-        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        rd = tl.arange(0, BLOCK_D)
-        n_ok = rn < HIDDEN
-        d_ok = rd < D
-        w_mask = n_ok[:, None] & d_ok[None, :]
-        # the weights never depend on earlier kernels: requested before waiting for them
-        w1 = tl.load(w1_ptr + rn[:, None] * D + rd[None, :], mask=w_mask, other=0.0)
-        w2t = tl.load(w2t_ptr + rn[:, None] * D + rd[None, :], mask=w_mask, other=0.0)
-        b1 = tl.load(b1_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-        b2 = tl.load(b2_ptr + rd, mask=d_ok, other=0.0).to(tl.float32)
-        ln_w = tl.load(ln_w_ptr + rd, mask=d_ok, other=1.0).to(tl.float32)
-        ln_b = tl.load(ln_b_ptr + rd, mask=d_ok, other=0.0).to(tl.float32)
-        await_predecessor(PDL)
-        rm = tl.arange(0, ROWS)
-        mask = (rm[:, None] < M) & d_ok[None, :]
-        h = tl.load(h_ptr + rm[:, None] * stride_h + rd[None, :], mask=mask, other=0)
-        h = _unfixed(h, fixed_unit, w1_ptr.dtype.element_ty) if H_FIXED else h.to(tl.float32)
-        shift = tl.load(shift_ptr + rm[:, None] * stride_mod + rd[None, :], mask=mask, other=0.0).to(tl.float32)
-        scale = tl.load(scale_ptr + rm[:, None] * stride_mod + rd[None, :], mask=mask, other=0.0).to(tl.float32)
-        gate = tl.load(gate_ptr + rm[:, None] * stride_g + rd[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = _normalize(h, mask, D, eps, AXIS=1) * ln_w[None, :] + ln_b[None, :]
-        x = (x * (1.0 + scale) + shift).to(w1_ptr.dtype.element_ty).to(tl.float32)  # rounded as stored unfused
-        u = tl.sum(x[:, None, :] * w1.to(tl.float32)[None, :, :], axis=2) + b1[None, :]
-        u = (u / (1.0 + tl.exp(-u))).to(w1_ptr.dtype.element_ty).to(tl.float32)
-        share = tl.sum(u[:, :, None] * w2t.to(tl.float32)[None, :, :], axis=1)
-        own = (rd // BLOCK_N) == pid  # output columns whose bias and residual this program adds
-        share = gate * (share + tl.where(own, b2, 0.0)[None, :]) + tl.where(own[None, :], h, 0.0)
-        fixed = (share / fixed_unit).to(tl.int64)
-        tl.atomic_add(out_ptr + rm[:, None] * stride_o + rd[None, :], fixed, mask=mask, sem="relaxed")
 
     @triton.jit
     def _ln_modulate_kernel(
@@ -399,35 +326,9 @@ def few_rows_linear(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residual
     _few_rows_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias, out, gate_t, res_t, shift, scale, ln_weight if affine else bias, ln_bias if affine else bias,
         m, n, k, x_rows, x.stride(0), weight.stride(0), out.stride(0), gate_t.stride(0), res_t.stride(0),
-        shift.stride(0), LN_EPS, 2.0**-FIXED_POINT_BITS,
-        EPILOGUE=epilogue, NORM=norm is not None, AFFINE=affine, X_FIXED=x.dtype == torch.int64,
-        ROWS=triton.next_power_of_2(m),
+        shift.stride(0), LN_EPS,
+        EPILOGUE=epilogue, NORM=norm is not None, AFFINE=affine, ROWS=triton.next_power_of_2(m),
         BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k), PDL=pdl, num_warps=warps, launch_pdl=pdl,
-    )  # fmt: skip
-    return out
-
-
-def few_rows_block(h, first_weight, first_bias, second_weight_t, second_bias, norm, gate, out=None, use_triton=None):
-    """See few_rows_block_reference; one kernel for at most FEW_ROWS rows. out: the int64 [M, D]
-    sums to add into (zeros; allocated when None), returned."""
-    if not runs_triton(h, use_triton):
-        return few_rows_block_reference(h, first_weight, first_bias, second_weight_t, second_bias, norm, gate)
-    m, d = h.shape
-    hidden = first_weight.shape[0]
-    if m > FEW_ROWS:
-        raise ValueError(f"few_rows_block takes at most {FEW_ROWS} rows, got {m}")
-    if out is None:
-        out = torch.zeros(m, d, device=h.device, dtype=torch.int64)
-    shift, scale, ln_weight, ln_bias = norm
-    block_n, warps = FEW_ROWS_BLOCK_TILE
-    if hidden != d or ln_weight is None:
-        raise ValueError("few_rows_block needs hidden width == D and an affine LayerNorm")
-    pdl = _pdl(h)
-    _few_rows_block_kernel[(triton.cdiv(hidden, block_n),)](
-        h, first_weight, first_bias, second_weight_t, second_bias, shift, scale, gate, ln_weight, ln_bias, out,
-        m, d, hidden, h.stride(0), shift.stride(0), gate.stride(0), out.stride(0), LN_EPS, 2.0**-FIXED_POINT_BITS,
-        H_FIXED=h.dtype == torch.int64, ROWS=triton.next_power_of_2(m), BLOCK_N=block_n,
-        BLOCK_D=triton.next_power_of_2(d), PDL=pdl, num_warps=warps, launch_pdl=pdl,
     )  # fmt: skip
     return out
 
@@ -503,8 +404,6 @@ class FusedHead:
         modulations = [block.adaLN_modulation[1] for block in net.res_blocks] + [net.final_layer.adaLN_modulation[1]]
         self.mod_weight = torch.cat([m.weight for m in modulations]).contiguous()
         self.mod_bias = torch.cat([m.bias for m in modulations]).contiguous()
-        # few_rows_block reads W2 by columns: a transposed copy (built here, never inside a graph capture)
-        self.second_weights_t = [block.mlp[2].weight.t().contiguous() for block in net.res_blocks]
 
     def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
         """t: [S] -> [S, D] (t_emb of each step's time; the same for every row)."""
@@ -542,21 +441,13 @@ class FusedHead:
         return mod[:, 3 * d * j :].split(d, dim=1)[:3]
 
     def _velocity_few_rows(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
-        """velocity() as few-rows kernels, each LayerNorm inside: one per residual block
-        (FEW_ROWS_BLOCK_KERNEL, h kept in fixed point) or two."""
+        """velocity() as few_rows_linear kernels: two per residual block, each LayerNorm inside."""
         net, use = self.net, self.use_triton
-        rows = mod.shape[0]
-        h = few_rows_linear(x, net.input_proj.weight, net.input_proj.bias, rows=rows, use_triton=use)
-        if FEW_ROWS_BLOCK_KERNEL:
-            sums = torch.zeros(len(net.res_blocks), rows, self.width, device=x.device, dtype=torch.int64)
+        h = few_rows_linear(x, net.input_proj.weight, net.input_proj.bias, rows=mod.shape[0], use_triton=use)
         for j, block in enumerate(net.res_blocks):
             shift, scale, gate = self._modulation(mod, j)
             first, second = block.mlp[0], block.mlp[2]
             norm = (shift, scale, block.in_ln.weight, block.in_ln.bias)
-            if FEW_ROWS_BLOCK_KERNEL:
-                weight_t = self.second_weights_t[j]
-                h = few_rows_block(h, first.weight, first.bias, weight_t, second.bias, norm, gate, sums[j], use)
-                continue
             u = few_rows_linear(h, first.weight, first.bias, EPILOGUE_BIAS_SILU, norm=norm, use_triton=use)
             h = few_rows_linear(u, second.weight, second.bias, EPILOGUE_GATED_RESIDUAL, gate, h, use_triton=use)
         shift, scale = self._modulation(mod, len(net.res_blocks))[:2]

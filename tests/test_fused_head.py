@@ -10,12 +10,8 @@ from kernels.fused_head import (
     EPILOGUE_BIAS_SILU,
     EPILOGUE_GATED_RESIDUAL,
     FusedHead,
-    few_rows_block,
-    few_rows_block_reference,
     few_rows_linear,
     few_rows_linear_reference,
-    from_fixed,
-    to_fixed,
     guided_update,
     guided_update_reference,
     linear,
@@ -81,33 +77,6 @@ def test_few_rows_kernel_matches_reference(m, x_rows, epilogue, norm):
     want = few_rows_linear_reference(x, w, b, epilogue, gate, residual, rows=rows, norm=norm_args)
     assert got.shape == (m, n)
     assert rel(got, want) < 1e-5
-
-
-@pytest.mark.parametrize("fixed_input", [False, True])
-@pytest.mark.parametrize("m,d", [(1, 40), (3, 50), (4, 64)])  # 50: a partial last program
-def test_few_rows_block_kernel_matches_reference(m, d, fixed_input):
-    h = torch.randn(m, d)
-    mod = torch.randn(m, 3 * d)  # shift, scale and gate are strided column slices, as in the head
-    norm = (mod[:, :d], mod[:, d : 2 * d], torch.randn(d), torch.randn(d))
-    gate = mod[:, 2 * d :]
-    w1, b1, w2t, b2 = torch.randn(d, d) / d**0.5, torch.randn(d), torch.randn(d, d) / d**0.5, torch.randn(d)
-    if fixed_input:
-        h = to_fixed(h)
-    got = few_rows_block(h, w1, b1, w2t, b2, norm, gate, use_triton=True)
-    want = few_rows_block_reference(h, w1, b1, w2t, b2, norm, gate)
-    assert got.dtype == torch.int64
-    assert rel(from_fixed(got, torch.float32), from_fixed(want, torch.float32)) < 1e-5
-    # the programs' adds land in any order, the fixed-point sums do not depend on it
-    again = few_rows_block(h, w1, b1, w2t, b2, norm, gate, use_triton=True)
-    assert torch.equal(got, again)
-
-
-def test_few_rows_kernel_reads_fixed_point_input():
-    h, w, b = torch.randn(2, 40), torch.randn(8, 40), torch.randn(8)
-    mod = torch.randn(2, 80)
-    norm = (mod[:, :40], mod[:, 40:], None, None)
-    got = few_rows_linear(to_fixed(h), w, b, norm=norm, use_triton=True)
-    assert rel(got, few_rows_linear_reference(h, w, b, norm=norm)) < 1e-5
 
 
 def test_few_rows_kernel_refuses_more_rows():
@@ -189,12 +158,11 @@ def test_update_coefficients_reproduce_the_step_functions(sampler, shift):
         torch.testing.assert_close(a * x + b * v + c * z, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("blocks", ["few_rows", "few_rows_block_kernel", "triton", "cublas"])
+@pytest.mark.parametrize("blocks", ["few_rows", "triton", "cublas"])
 @pytest.mark.parametrize("modulation_gemm", fused_head.MODULATION_GEMMS)
 def test_fused_velocity_matches_the_head_module(modulation_gemm, blocks, monkeypatch):
     monkeypatch.setattr(fused_head, "MODULATION_GEMM", modulation_gemm)
-    monkeypatch.setattr(fused_head, "FEW_ROWS", 16 if blocks.startswith("few_rows") else 0)
-    monkeypatch.setattr(fused_head, "FEW_ROWS_BLOCK_KERNEL", blocks == "few_rows_block_kernel")
+    monkeypatch.setattr(fused_head, "FEW_ROWS", 16 if blocks == "few_rows" else 0)
     monkeypatch.setattr(fused_head, "CUBLAS_BLOCKS_MIN_ROWS", 1 if blocks == "cublas" else 1 << 30)
     torch.manual_seed(0)
     head = FlowMatchingHead(token_dim=64, cond_dim=48, width=32, depth=3)
