@@ -89,20 +89,20 @@ def make_engine(bundle, args, done_at: dict) -> BatchedEngine:
             max_running_images=max(args.concurrency),
             max_batched_tokens=args.max_batched_tokens,
             time_phases=not args.overlap,
+            warm_up=False,  # below, with this run's sampling settings
         ),
     )
-    for c in args.concurrency:  # capture every head-graph bucket the levels will use
-        for i in range(c):
-            engine.add_request(EngineRequest(f"warm{c}-{i}", replace(make_request(args, seed=10**6 + i), width=32, height=16)))
-        while engine.has_work():
-            engine.step()
-    # and every decode graph: their block tables grow with the image, past what the small warm-up reached
+    # one small image compiles the prefill and VAE kernels, then every graph the levels replay is
+    # captured before timing (as a server does at start)
+    engine.add_request(EngineRequest("warm", replace(make_request(args, seed=10**6), width=32, height=16)))
+    while engine.has_work():
+        engine.step()
     request = make_request(args, seed=0)
-    prompts = engine.generator.prompt_branches(request)
     grid_h, grid_w = token_grid(engine.bundle.config, request.width, request.height)
-    longest = max(len(p.token_ids) for p in prompts) + grid_h * grid_w
-    for c in args.concurrency:
-        engine.runner.warm_up_decode(c * len(prompts), longest)
+    longest = max(len(p.token_ids) for p in engine.generator.prompt_branches(request)) + grid_h * grid_w
+    started = time.perf_counter()
+    engine.warm_up(request.params, longest)
+    print(f"graphs captured before timing in {time.perf_counter() - started:.1f} s", flush=True)
     return engine
 
 

@@ -264,3 +264,31 @@ def test_bad_requests_fail_alone(bundle, reference, request_, match):
     assert [f.request_id for f in failures] == ["bad"] and failures[0].client_error
     assert match in failures[0].message
     assert_matches_reference(events, [good], reference)
+
+
+def test_decode_warm_up_covers_every_batch_and_table_width_it_is_asked_for(monkeypatch):
+    from server.engine.model_runner import DECODE_BUCKETS, DecodeGraphs
+
+    captured = []
+    monkeypatch.setattr(DecodeGraphs, "_capture", lambda self, batch, width: captured.append((batch, width)))
+    graphs = DecodeGraphs(runner=None)
+    graphs.warm_up(num_seqs=6, max_blocks=5)
+    assert sorted(captured) == [(b, w) for b in (1, 2, 4, 8) for w in (2, 4, 8)]
+    for seqs in range(1, 7):  # what run() looks up for any such batch: never a new capture
+        for blocks in range(1, 6):
+            graphs._graph(graphs._bucket(seqs, DECODE_BUCKETS), graphs._width(blocks))
+    assert len(captured) == 12
+
+
+def test_head_warm_up_captures_the_keys_default_requests_use(bundle, monkeypatch):
+    from server.engine.graphed_head import GraphedHeadSampler, GraphKey, bucket_for
+
+    captured = []
+    monkeypatch.setattr(GraphedHeadSampler, "_capture", lambda self, key, batch: captured.append(key))
+    sampler = GraphedHeadSampler(bundle.model, use_graphs=True, fused=False)
+    params = bundle.sampling_defaults.params(edit=False)
+    sampler.warm_up(params, max_images=5)
+    assert [k.bucket for k in captured] == [1, 2, 4, 8]
+    for n in range(1, 6):  # sample()'s key for n text-guided images with these settings
+        key = GraphKey(params.sampler, params.num_steps, params.timesteps_shift, 2, params.rescale_guidance, bucket_for(n))
+        assert key in sampler.graphs

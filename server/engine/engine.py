@@ -14,6 +14,7 @@ import torch
 
 from model.bundle import ModelBundle
 from model.reference import token_grid, validate_request
+from model.sampling import SamplingError, SamplingParams
 
 from .block_manager import BlockManager
 from .events import (
@@ -43,6 +44,7 @@ class EngineConfig:
     fused_head: bool | None = None  # Triton-fused head step inside that loop; None: on GPU only
     fused_backbone: bool | None = None  # Triton kernels between the backbone's matrix products; None: on GPU only
     time_phases: bool = False  # synchronize the GPU after each phase so StepTimings splits time exactly (slower)
+    warm_up: bool = True  # on GPU, capture the CUDA graphs of default requests when the engine starts
 
 
 @dataclass
@@ -58,6 +60,7 @@ class StepTimings:
 
 
 GPU_HEADROOM_BYTES = 12 * 2**30  # activations, CUDA graphs, VAE decode
+WARM_UP_PROMPT_TOKENS = 256  # prompt positions the start-up graphs allow beside a native-size image
 
 
 def default_kv_cache_bytes(device: torch.device) -> int:
@@ -84,6 +87,24 @@ class BatchedEngine:
         self.requests: dict[str, RequestState] = {}
         self.timings = StepTimings()
         self._arrivals = 0
+        if config.warm_up and bundle.model.device.type == "cuda":
+            native = bundle.config.native_image_size
+            grid_h, grid_w = token_grid(bundle.config, native, native)
+            try:
+                params = bundle.sampling_defaults.params(edit=False)
+            except SamplingError:  # a family without published defaults: nothing to guess
+                params = None
+            if params is not None:
+                self.warm_up(params, WARM_UP_PROMPT_TOKENS + grid_h * grid_w)
+
+    def warm_up(self, params: SamplingParams, max_len: int) -> None:
+        """Capture now (GPU only) every CUDA graph that batches of up to max_running_images
+        text-to-image requests sampled with params replay up to max_len positions per sequence: a
+        capture stalls the whole running batch, so requests should never meet one. Other requests
+        (edits, other samplers or step counts) capture theirs on first use."""
+        images = self.config.max_running_images
+        self.runner.warm_up_decode(2 * images, max_len)  # text guidance: two sequences per image
+        self.head.warm_up(params, images)
 
     # requests in and out
 

@@ -196,6 +196,18 @@ class GraphedHeadSampler:
                     tokens[i] = out[row]
         return tokens
 
+    @torch.inference_mode()
+    def warm_up(self, params: SamplingParams, max_images: int, slots: int = 2) -> None:
+        """Capture now the graph of every bucket up to max_images images sampled with params (GPU)."""
+        if not self.use_graphs:
+            return
+        largest = bucket_for(min(max_images, BUCKETS[-1]))
+        for bucket in BUCKETS[: BUCKETS.index(largest) + 1]:
+            key = GraphKey(params.sampler, params.num_steps, params.timesteps_shift, slots, params.rescale_guidance, bucket)
+            if key not in self.graphs:
+                batch = self.batches.setdefault(key, StaticBatch(key, self.model))
+                self.graphs[key] = self._capture(key, batch)
+
     def _fill(self, batch: StaticBatch, key: GraphKey, images: list[ImageState]) -> None:
         model = self.model
         # slot-major rows; an image with fewer branches repeats its last one (its extra terms are 0)

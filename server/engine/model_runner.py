@@ -166,8 +166,9 @@ class ModelRunner:
         return model.norm(x[last_rows])
 
     def warm_up_decode(self, num_seqs: int, max_len: int) -> None:
-        """Capture now every decode graph that a batch of num_seqs sequences replays up to max_len
-        positions (one per block-table width), so none is captured while such a batch runs."""
+        """Capture now every decode graph that batches of up to num_seqs sequences replay up to
+        max_len positions (one per batch bucket and block-table width), so none is captured while
+        a batch waits."""
         if self.decode_graphs is not None:
             self.decode_graphs.warm_up(num_seqs, -(-max_len // self.block_size))
 
@@ -232,9 +233,10 @@ class DecodeGraphs:
         return 1 << blocks.bit_length()  # powers of two: few graphs, any length
 
     def warm_up(self, num_seqs: int, max_blocks: int) -> None:
-        batch = self._bucket(num_seqs, DECODE_BUCKETS)
-        for blocks in range(1, max_blocks + 1):
-            self._graph(batch, self._width(blocks))
+        largest = self._bucket(min(num_seqs, DECODE_BUCKETS[-1]), DECODE_BUCKETS)
+        for batch in DECODE_BUCKETS[: DECODE_BUCKETS.index(largest) + 1]:
+            for width in sorted({self._width(blocks) for blocks in range(1, max_blocks + 1)}):
+                self._graph(batch, width)
 
     def _graph(self, batch: int, width: int):
         key = (batch, width)
