@@ -42,7 +42,6 @@ _PREFILL_ROWS = 64  # (query, head) rows per prefill program
 _MIN_DECODE_ROWS = 16  # tl.dot needs at least 16 rows
 _MIN_PARTITION = 128  # fewest keys worth a split-K program of its own (H200: 128 beat 64 and 256 at 1-2 images)
 _DECODE_PROGRAMS = 512  # enough decode programs to fill an H200's 132 SMs a few times over
-EARLY_KEYS = True  # decode: the first key tile's cached keys requested before waiting for the predecessor
 DECODE_LAUNCH: dict = {}  # num_warps / num_stages of the decode kernel (bench/gpu_check.py --sweeps them)
 PDL = True  # decode kernels launch as programmatic dependents of the previous kernel (Hopper), see dispatch.py
 
@@ -289,7 +288,7 @@ def paged_decode_attention_triton(
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, ROWS=max(_MIN_DECODE_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=k_cache.shape[1], KEY_TILE=_KEY_TILE, SPLIT=split, DOT_PRECISION=_dot_precision(q),
-        PDL=pdl, EARLY_KEYS=EARLY_KEYS, launch_pdl=pdl, **DECODE_LAUNCH,
+        PDL=pdl, launch_pdl=pdl, **DECODE_LAUNCH,
     )  # fmt: skip
     if split:
         _reduce_partitions_kernel[(num_seqs, heads)](
@@ -393,11 +392,9 @@ if triton is not None:
         q_stride_t, q_stride_h, cache_stride_b, cache_stride_t, cache_stride_h, table_stride,
         GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         KEY_TILE: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
-        EARLY_KEYS: tl.constexpr,
     ):  # fmt: skip
         """One program per (sequence, kv head, key partition): all query heads of the group as rows."""
-        if not EARLY_KEYS:
-            await_predecessor(PDL)
+        await_predecessor(PDL)
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         partition = tl.program_id(2)
@@ -412,29 +409,13 @@ if triton is not None:
         heads = kv_head * GROUP + rows
         row_ok = rows < GROUP  # the group is padded to ROWS rows of zeros
         q_offsets = seq * q_stride_t + heads[:, None] * q_stride_h + dims[None, :]
-        table_row_ptr = block_tables_ptr + seq * table_stride
-        # The first tile's keys before the newest were cached by earlier steps: requested before
-        # waiting for the kernel that writes the newest key (and q).
-        keys = key_begin + tl.arange(0, KEY_TILE)
-        key_ok = keys < key_end
-        offsets = _kv_tile_offsets(
-            table_row_ptr, keys, key_ok, kv_head, cache_stride_b, cache_stride_t, cache_stride_h, BLOCK_SIZE
-        )
-        cached = (key_ok & (keys < seq_len - 1))[:, None]
-        k = tl.load(k_cache_ptr + offsets[:, None] + dims[None, :], mask=cached, other=0.0)
-        v = tl.load(v_cache_ptr + offsets[:, None] + dims[None, :], mask=cached, other=0.0)
-        if EARLY_KEYS:
-            await_predecessor(PDL)
-        newest = (keys == seq_len - 1)[:, None]
-        k = tl.where(newest, tl.load(k_cache_ptr + offsets[:, None] + dims[None, :], mask=newest, other=0.0), k)
-        v = tl.where(newest, tl.load(v_cache_ptr + offsets[:, None] + dims[None, :], mask=newest, other=0.0), v)
         q = tl.load(q_ptr + q_offsets, mask=row_ok[:, None], other=0.0)
-        # The query is the last position, so every stored key is visible.
+
         row_max = tl.full([ROWS], float("-inf"), tl.float32)
         row_sum = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
-        row_max, row_sum, acc = _online_softmax_step(q, k, v, key_ok[None, :], row_max, row_sum, acc, scale, DOT_PRECISION)
-        for tile_begin in range(key_begin + KEY_TILE, key_end, KEY_TILE):
+        table_row_ptr = block_tables_ptr + seq * table_stride
+        for tile_begin in range(key_begin, key_end, KEY_TILE):
             keys = tile_begin + tl.arange(0, KEY_TILE)
             key_ok = keys < key_end
             offsets = _kv_tile_offsets(
@@ -442,6 +423,7 @@ if triton is not None:
             )
             k = tl.load(k_cache_ptr + offsets[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
             v = tl.load(v_cache_ptr + offsets[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
+            # The query is the last position, so every stored key is visible.
             row_max, row_sum, acc = _online_softmax_step(
                 q, k, v, key_ok[None, :], row_max, row_sum, acc, scale, DOT_PRECISION
             )
