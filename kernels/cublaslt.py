@@ -55,7 +55,13 @@ def _library() -> ctypes.CDLL:
         with open("/proc/self/maps") as maps:
             paths = [line.split()[-1] for line in maps if "libcublasLt.so" in line]
         _lib = ctypes.CDLL(paths[0] if paths else "libcublasLt.so")
-        ptr, p, i, u64, size = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_uint64, ctypes.c_size_t
+        ptr, p, i, u64, size = (
+            ctypes.c_void_p,
+            ctypes.POINTER(ctypes.c_void_p),
+            ctypes.c_int,
+            ctypes.c_uint64,
+            ctypes.c_size_t,
+        )
         for name, args in {
             "cublasLtCreate": [p],
             "cublasLtMatmulDescCreate": [p, i, i],
@@ -113,7 +119,7 @@ class _Plan:
         results = (_Heuristic * CANDIDATES)()
         found = ctypes.c_int()
         _check(lib.cublasLtMatmulAlgoGetHeuristic(_handle, self.desc, self.a, self.b, self.d, self.d, preference,
-                                                  CANDIDATES, results, ctypes.byref(found)), "cublasLtMatmulAlgoGetHeuristic")  # fmt: skip
+                                                  CANDIDATES, ctypes.byref(results), ctypes.byref(found)), "cublasLtMatmulAlgoGetHeuristic")  # fmt: skip
         lib.cublasLtMatmulPreferenceDestroy(preference)
         self.candidates = [results[i].algo for i in range(found.value) if results[i].state == 0]
         if not self.candidates:
