@@ -44,8 +44,8 @@ def main() -> None:
         want = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
         torch_us = cublaslt.graph_time_us(lambda x=x, weight=weight, bias=bias: F.linear(x, weight, bias))
         plan = cublaslt._Plan(weight, bias, m, x.stride(0))
-        times = cublaslt.time_candidates(plan, x, weight)
-        errors = [((plan.run(x, weight, a).float() - want).norm() / want.norm()).item() for a in plan.candidates]
+        times = cublaslt.time_candidates(plan, x, weight, bias)
+        errors = [((plan.run(x, weight, bias, a).float() - want).norm() / want.norm()).item() for a in plan.candidates]
         best = min(range(len(times)), key=times.__getitem__)
         row = {"rows": m, "n": n, "k": k, "bias": has_bias, "torch_us": torch_us, "candidates_us": times,
                "rel_errors": errors, "best": best}  # fmt: skip

@@ -2,9 +2,9 @@
 
 torch asks cuBLASLt's heuristic for one algorithm per product and runs it. On the engine's odd
 shapes (one image's projections, M = 2; the head's 512 x 1536 x 1536 blocks) another of its
-candidates may be faster. Linear(weight, bias) asks for up to CANDIDATES, times each on the real
-operands the first time a row count is seen (never inside a CUDA graph capture: there it runs
-the heuristic's first, as torch would), keeps the fastest and runs it from then on. Results equal
+candidates may be faster. linear(x, weight, bias) asks for up to CANDIDATES, times each on the real
+operands the first time a shape is seen (never inside a CUDA graph capture: there it runs
+F.linear), keeps the fastest and runs it from then on. Results equal
 F.linear's up to the summation order of the chosen algorithm.
 """
 
@@ -126,10 +126,12 @@ class _Plan:
             raise RuntimeError("cuBLASLt offers no algorithm for this product")
         self.algo = self.candidates[0]
 
-    def run(self, x, weight, algo=None) -> torch.Tensor:
-        """The product with algo (default: the chosen one); the bias is the one the plan was made with."""
+    def run(self, x, weight, bias, algo=None) -> torch.Tensor:
+        """The product with algo (default: the chosen one)."""
         lib = _library()
         out = torch.empty(x.shape[0], weight.shape[0], device=x.device, dtype=weight.dtype)
+        if bias is not None:
+            _set(lib.cublasLtMatmulDescSetAttribute, self.desc, _DESC_BIAS_POINTER, ctypes.c_void_p(bias.data_ptr()))
         workspace = _workspaces.get(x.device.index)
         if workspace is None:
             workspace = _workspaces[x.device.index] = torch.empty(WORKSPACE_BYTES, device=x.device, dtype=torch.uint8)
@@ -165,26 +167,23 @@ def graph_time_us(fn, repeats: int = TIMING_REPEATS) -> float:
     return 1e3 * start.elapsed_time(end) / repeats
 
 
-def time_candidates(plan: _Plan, x, weight) -> list[float]:
+def time_candidates(plan: _Plan, x, weight, bias) -> list[float]:
     """Microseconds per call of each of the plan's candidates on these operands."""
-    return [graph_time_us(lambda algo=algo: plan.run(x, weight, algo)) for algo in plan.candidates]
+    return [graph_time_us(lambda algo=algo: plan.run(x, weight, bias, algo)) for algo in plan.candidates]
 
 
-class Linear:
-    """F.linear(x, weight, bias) for a 2-D, row-contiguous x of the weight's dtype, on cuBLASLt with
-    the fastest candidate per row count (timed on first sight)."""
+_plans: dict[tuple, _Plan] = {}
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        self.weight, self.bias = weight, bias
-        self.plans: dict[tuple[int, int], _Plan] = {}
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        key = (x.shape[0], x.stride(0))
-        plan = self.plans.get(key)
-        if plan is None:
-            if torch.cuda.is_current_stream_capturing():
-                return F.linear(x, self.weight, self.bias)  # no timing inside a capture
-            plan = self.plans[key] = _Plan(self.weight, self.bias, *key)
-            times = time_candidates(plan, x, self.weight)
-            plan.algo = plan.candidates[min(range(len(times)), key=times.__getitem__)]
-        return plan.run(x, self.weight)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for a 2-D CUDA x of the weight's dtype with unit stride in its last
+    dim, on cuBLASLt with the fastest candidate for this shape (timed the first time it is seen)."""
+    key = (x.shape[0], x.stride(0), *weight.shape, weight.stride(0), bias is not None, weight.dtype, x.device)
+    plan = _plans.get(key)
+    if plan is None:
+        if torch.cuda.is_current_stream_capturing():
+            return F.linear(x, weight, bias)  # no timing inside a capture
+        plan = _plans[key] = _Plan(weight, bias, x.shape[0], x.stride(0))
+        times = time_candidates(plan, x, weight, bias)
+        plan.algo = plan.candidates[min(range(len(times)), key=times.__getitem__)]
+    return plan.run(x, weight, bias)
