@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import cublaslt
 from kernels.dispatch import runs_triton, supports_pdl
 
 try:
@@ -46,8 +45,6 @@ MODULATION_GEMM = "cublas"  # H200: 18.5 vs 21.6 ms per token at 256 rows, 24.4 
 # head_residual_ln_h200_s11.json, head_cublas_threshold_h200_s11.json): 512 rows 20.2 vs 22.9,
 # 256 rows 15.1 vs 16.1, 192 rows 14.3 vs 15.2; 128 rows 12.9 vs 12.5 (Triton ahead).
 CUBLAS_BLOCKS_MIN_ROWS = 192
-# ... through kernels.cublaslt (the fastest of cuBLASLt's candidates per shape) rather than torch's pick.
-TUNED_CUBLAS = True
 
 # The adaLN modulations depend on the step's time and the token's condition only, never on x, so
 # they are computed for several steps in one GEMM of about this many rows (weights read once per
@@ -478,11 +475,10 @@ class FusedHead:
         blocks = self.net.res_blocks
         shift, scale, _ = self._modulation(mod, 0)
         u = ln_modulate(h, shift, scale, blocks[0].in_ln.weight, blocks[0].in_ln.bias, use_triton=use)
-        product = cublaslt.linear if TUNED_CUBLAS and h.is_cuda else F.linear
         for j, block in enumerate(blocks):
             first, second = block.mlp[0], block.mlp[2]
-            u = F.silu(product(u, first.weight, first.bias), inplace=True)
-            y = product(u, second.weight, second.bias)
+            u = F.silu(torch.addmm(first.bias, u, first.weight.t()), inplace=True)
+            y = torch.addmm(second.bias, u, second.weight.t())
             gate = self._modulation(mod, j)[2]
             shift, scale = self._modulation(mod, j + 1)[:2]
             # the next block's LayerNorm is affine; the final layer's is not
