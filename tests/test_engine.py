@@ -292,3 +292,16 @@ def test_head_warm_up_captures_the_keys_default_requests_use(bundle, monkeypatch
     for n in range(1, 6):  # sample()'s key for n text-guided images with these settings
         key = GraphKey(params.sampler, params.num_steps, params.timesteps_shift, 2, params.rescale_guidance, bucket_for(n))
         assert key in sampler.graphs
+
+
+def test_static_input_uploads_only_changed_values():
+    from server.engine.transfer import StaticInput
+
+    column = StaticInput(torch.zeros(3, 1, dtype=torch.int64))
+    column.set([1, 2, 3])
+    assert column.tensor[:, 0].tolist() == [1, 2, 3]
+    column.tensor.fill_(9)  # a write the upload cache cannot see: equal values are not uploaded again
+    column.set([1, 2, 3])
+    assert column.tensor[:, 0].tolist() == [9, 9, 9]
+    column.set([1, 2, 4])
+    assert column.tensor[:, 0].tolist() == [1, 2, 4]

@@ -39,7 +39,7 @@ from model.sampling import (
 )
 
 from .sequence import ImageState
-from .transfer import to_device
+from .transfer import StaticInput, to_device
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512)
 
@@ -69,6 +69,8 @@ class StaticBatch:
         self.token = torch.zeros(b, 1, dtype=torch.int64, device=device)
         self.blocks = torch.arange(model.config.token_dim // 4, dtype=torch.int64, device=device)[None]
         self.out: torch.Tensor | None = None
+        names = ("cfg", "cfg_img", "rescale", "use_norm", "seed", "image", "token")
+        self.columns = {name: StaticInput(getattr(self, name)) for name in names}
 
 
 def _all_noise(batch: StaticBatch, num_steps: int) -> torch.Tensor:
@@ -222,22 +224,22 @@ class GraphedHeadSampler:
             positions = to_device(token_index, torch.int64, hidden.device)
             hidden = hidden + model.gen_pos_embed[0, positions].to(hidden.dtype)[None]
         n = len(images)
-        batch.conditions.zero_()
+        pad = key.bucket - n
+        if pad:
+            batch.conditions[:, n:].zero_()
         batch.conditions[:, :n] = model.image_out_projector(hidden)
         scales = [guidance_scales_at(im.request.request.params, len(im.tokens), im.request.num_tokens) for im in images]
-        pad = key.bucket - n
 
-        def column(values, dtype):
-            return to_device(list(values) + [0] * pad, dtype, hidden.device).view(-1, 1)
+        def column(name, values):  # uploaded only when it changed since the last fill
+            batch.columns[name].set(list(values) + [0] * pad)
 
-        batch.cfg.copy_(column((s[0] for s in scales), torch.float32))
-        batch.cfg_img.copy_(column((s[1] for s in scales), torch.float32))
-        batch.rescale.copy_(column((_rescales(im) for im in images), torch.bool))
-        batch.use_norm.copy_(column((im.request.request.params.use_norm for im in images), torch.bool))
-        seeds = (im.request.request.seed for im in images)
-        batch.seed.copy_(column((s - 2**64 if s >= 2**63 else s for s in seeds), torch.int64))
-        batch.image.copy_(column((im.index for im in images), torch.int64))
-        batch.token.copy_(column(token_index, torch.int64))
+        column("cfg", (s[0] for s in scales))
+        column("cfg_img", (s[1] for s in scales))
+        column("rescale", (_rescales(im) for im in images))
+        column("use_norm", (im.request.request.params.use_norm for im in images))
+        column("seed", (s - 2**64 if s >= 2**63 else s for s in (im.request.request.seed for im in images)))
+        column("image", (im.index for im in images))
+        column("token", token_index)
 
     def _run(self, key: GraphKey, images: list[ImageState]) -> torch.Tensor:
         batch = self.batches.get(key)

@@ -16,7 +16,7 @@ from model.bundle import ModelBundle
 from model.rope import apply_rotary
 
 from .scheduler import Chunk
-from .transfer import to_device
+from .transfer import StaticInput, to_device
 
 
 class ModelRunner:
@@ -221,7 +221,7 @@ class DecodeGraphs:
 
     def __init__(self, runner: ModelRunner):
         self.runner = runner
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, dict, dict, torch.Tensor]] = {}
         self.pool = None
 
     @staticmethod
@@ -248,16 +248,14 @@ class DecodeGraphs:
         n = x.shape[0]
         batch = self._bucket(n, DECODE_BUCKETS)
         width = self._width(max(len(t) for t in tables))
-        graph, inputs, out = self._graph(batch, width)
+        graph, inputs, uploads, out = self._graph(batch, width)
         runner, pad = self.runner, batch - n
         scratch = runner.scratch_block
-        device = x.device
         inputs["x"][:n].copy_(x)
-        inputs["positions"].copy_(to_device(positions + [0] * pad, torch.int64, device))
-        inputs["slots"].copy_(to_device(slots + [scratch * runner.block_size] * pad, torch.int64, device))
-        tables = [t + [scratch] * (width - len(t)) for t in tables] + [[scratch] * width] * pad
-        inputs["tables"].copy_(to_device(tables, torch.int32, device))
-        inputs["seq_lens"].copy_(to_device(seq_lens + [1] * pad, torch.int32, device))
+        uploads["positions"].set(positions + [0] * pad)
+        uploads["slots"].set(slots + [scratch * runner.block_size] * pad)
+        uploads["tables"].set([t + [scratch] * (width - len(t)) for t in tables] + [[scratch] * width] * pad)
+        uploads["seq_lens"].set(seq_lens + [1] * pad)
         graph.replay()
         return out[:n].clone()
 
@@ -288,4 +286,5 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self.pool):
             out = step()
         self.pool = graph.pool()
-        return graph, inputs, out
+        uploads = {name: StaticInput(inputs[name]) for name in ("positions", "slots", "tables", "seq_lens")}
+        return graph, inputs, uploads, out

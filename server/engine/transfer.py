@@ -17,3 +17,20 @@ def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return host.to(device=device, dtype=dtype)
     return host.to(dtype).pin_memory().to(device, non_blocking=True)
+
+
+class StaticInput:
+    """A device tensor that a captured graph reads, rewritten from host values only when they
+    change: every upload is a copy the GPU runs between graph replays."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self.values = None
+
+    def set(self, values: list) -> None:
+        """values: (nested) list of the tensor's shape, or of its number of elements."""
+        if values == self.values:
+            return
+        host = torch.tensor(values, dtype=self.tensor.dtype).view_as(self.tensor)
+        self.tensor.copy_(host.pin_memory() if self.tensor.is_cuda else host, non_blocking=True)
+        self.values = values
