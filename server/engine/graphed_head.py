@@ -199,13 +199,14 @@ class GraphedHeadSampler:
         return tokens
 
     @torch.inference_mode()
-    def warm_up(self, params: SamplingParams, max_images: int, slots: int = 2) -> None:
-        """Capture now the graph of every bucket up to max_images images sampled with params (GPU)."""
+    def warm_up(self, params: SamplingParams, max_images: int) -> None:
+        """Capture now the graph of every bucket up to max_images text-guided images (two guidance
+        slots) sampled with params (GPU)."""
         if not self.use_graphs:
             return
         largest = bucket_for(min(max_images, BUCKETS[-1]))
         for bucket in BUCKETS[: BUCKETS.index(largest) + 1]:
-            key = GraphKey(params.sampler, params.num_steps, params.timesteps_shift, slots, params.rescale_guidance, bucket)
+            key = GraphKey(params.sampler, params.num_steps, params.timesteps_shift, 2, params.rescale_guidance, bucket)
             if key not in self.graphs:
                 batch = self.batches.setdefault(key, StaticBatch(key, self.model))
                 self.graphs[key] = self._capture(key, batch)
