@@ -282,6 +282,12 @@ def _pdl(t: torch.Tensor) -> bool:
     return PDL and supports_pdl(t)
 
 
+def _few_rows(rows: int) -> bool:
+    """Whether FusedHead evaluates this many rows with few_rows_linear (guided_update, launched
+    between those kernels, then launches as their dependent too)."""
+    return rows <= FEW_ROWS
+
+
 def linear(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residual=None, rows=None, use_triton=None):
     """See linear_reference; x, weight row-major with unit stride in the last dim."""
     if not runs_triton(x, use_triton):
@@ -380,7 +386,7 @@ def guided_update(v, x, cfg, cfg_img, rescale, seed, image, token, step, a, b, c
     rows, dim = x.shape
     out = torch.empty(rows, dim, device=x.device, dtype=torch.float32)
     slots = v.shape[0] if v is not None else 2
-    pdl = _pdl(x) and slots * rows <= FEW_ROWS  # between few_rows_linear kernels
+    pdl = _pdl(x) and _few_rows(slots * rows)
     _guided_update_kernel[(rows,)](
         v if v is not None else x, x, out, cfg, cfg_img, rescale, seed, image, token,
         rows, step, float(a), float(b), float(c),
@@ -427,7 +433,7 @@ class FusedHead:
         is x's row r % B under condition r) -> velocity [R, token_dim] in the head's dtype."""
         net, use = self.net, self.use_triton
         rows = mod.shape[0]
-        if rows <= FEW_ROWS and runs_triton(x, use):
+        if _few_rows(rows) and runs_triton(x, use):
             return self._velocity_few_rows(x, mod)
         h = linear(x, net.input_proj.weight, net.input_proj.bias, rows=rows, use_triton=use)
         on_cublas = rows >= CUBLAS_BLOCKS_MIN_ROWS and runs_triton(x, use)
