@@ -14,10 +14,8 @@ import torch
 
 from bench.backbone_bench import decode_inputs, random_runner
 from bench.gpu_check import timed
-from bench.head_bench import HeadOnly, graphed
-from kernels.fused_head import FusedHead
-from model.sampling import timesteps
-from server.engine.graphed_head import GraphKey, StaticBatch, _loop_params, fused_sample_loop
+from bench.head_bench import graphed, random_batch, random_head
+from server.engine.graphed_head import GraphKey, fused_sample_loop, step_time_embeddings
 
 
 def set_choice(choice: str) -> None:
@@ -26,7 +24,6 @@ def set_choice(choice: str) -> None:
     tunable = choice == "tunableop"
     torch.cuda.tunable.enable(tunable)
     torch.cuda.tunable.tuning_enable(tunable)
-    torch.cuda.tunable.set_filename("/tmp/tunableop_results.csv")  # not the working tree
 
 
 def compare(label: str, fn, choices: list[str], rounds: int, results: list) -> None:
@@ -57,6 +54,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json")
     args = p.parse_args()
+    torch.cuda.tunable.set_filename("/tmp/tunableop_results.csv")  # not the working tree
     results: list = []
     with torch.inference_mode():
         if args.seqs:
@@ -66,17 +64,11 @@ def main() -> None:
                 compare(f"decode seqs {seqs}", lambda inputs=inputs: runner.forward(**inputs), args.choices,
                         args.rounds, results)  # fmt: skip
             del runner
-        model = HeadOnly().to("cuda", torch.bfloat16)
-        for param in model.parameters():
-            param.data.normal_(0, 0.02)
-        fused = FusedHead(model.image_head.net, use_triton=True)
+        model, fused = random_head()
         for rows in args.head_rows:
             key = GraphKey("legacy-sde", args.steps, 1.0, 2, False, rows // 2)
-            batch = StaticBatch(key, model)
-            batch.conditions.normal_()
-            batch.cfg.fill_(7.5)
-            grid = timesteps(_loop_params(key))[: args.steps].to("cuda", torch.float32)
-            t_emb = fused.time_embedding(grid)
+            batch = random_batch(key, model)
+            t_emb = step_time_embeddings(fused, key, batch.seed.device)
             compare(f"head rows {rows}", lambda key=key, batch=batch, t_emb=t_emb: fused_sample_loop(fused, key, batch, t_emb),
                     args.choices, args.rounds, results)  # fmt: skip
     tuned = torch.cuda.tunable.get_results()

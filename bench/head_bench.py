@@ -21,8 +21,7 @@ from kernels import fused_head
 from kernels.fused_head import FusedHead
 from model.head import FlowMatchingHead
 from model.presets import preset_config
-from model.sampling import timesteps
-from server.engine.graphed_head import GraphKey, StaticBatch, _loop_params, fused_sample_loop, sample_loop
+from server.engine.graphed_head import GraphKey, StaticBatch, fused_sample_loop, sample_loop, step_time_embeddings
 
 
 class HeadOnly(torch.nn.Module):
@@ -34,6 +33,23 @@ class HeadOnly(torch.nn.Module):
         c = self.config
         self.image_head = FlowMatchingHead(c.token_dim, c.hidden_size, c.fm_head_dim, c.fm_head_layers)
         self.device, self.dtype = torch.device("cuda"), torch.bfloat16
+
+
+def random_head() -> tuple[HeadOnly, FusedHead]:
+    """The 14B preset's head with random bf16 weights, and its FusedHead."""
+    model = HeadOnly().to("cuda", torch.bfloat16)
+    for param in model.parameters():
+        param.data.normal_(0, 0.02)
+    return model, FusedHead(model.image_head.net, use_triton=True)
+
+
+def random_batch(key: GraphKey, model) -> StaticBatch:
+    """A head-graph batch of random conditions, text guidance 7.5, one seed per image."""
+    batch = StaticBatch(key, model)
+    batch.conditions.normal_()
+    batch.cfg.fill_(7.5)
+    batch.seed.copy_(torch.arange(key.bucket, device=batch.seed.device)[:, None])
+    return batch
 
 
 def graphed(fn, stream: torch.cuda.Stream | None = None) -> tuple[torch.cuda.CUDAGraph, object]:
@@ -152,23 +168,16 @@ def main() -> None:
     p.add_argument("--json")
     args = p.parse_args()
     torch.manual_seed(0)
-    model = HeadOnly().to("cuda", torch.bfloat16)
-    for param in model.parameters():
-        param.data.normal_(0, 0.02)
-    fused = FusedHead(model.image_head.net, use_triton=True)
+    model, fused = random_head()
     params = sum(p.numel() for p in model.image_head.parameters())
     results = []
     for steps in args.steps:
         for rows in args.rows:
             images = rows // 2
             key = GraphKey("legacy-sde", steps, 1.0, 2, False, images)
-            batch = StaticBatch(key, model)
-            batch.conditions.normal_()
-            batch.cfg.fill_(7.5)
-            batch.seed.copy_(torch.arange(images, device="cuda")[:, None])
-            grid = timesteps(_loop_params(key))[:steps].to("cuda", torch.float32)
+            batch = random_batch(key, model)
             with torch.inference_mode():
-                t_emb = fused.time_embedding(grid)
+                t_emb = step_time_embeddings(fused, key, batch.seed.device)
                 eager_ms = timed(lambda: sample_loop(model, key, batch), repeat=1)
                 plain_graph, plain_out = graphed(lambda: sample_loop(model, key, batch))
                 plain_ms = timed(plain_graph.replay)

@@ -23,8 +23,8 @@ import torch
 
 from bench.backbone_bench import decode_inputs, random_runner
 from bench.gpu_check import timed
-from bench.head_bench import graphed
-from server.engine.graphed_head import GraphedHeadSampler, GraphKey, StaticBatch
+from bench.head_bench import graphed, random_batch
+from server.engine.graphed_head import GraphedHeadSampler, GraphKey
 from server.engine.model_runner import ModelRunner
 
 
@@ -38,10 +38,7 @@ class Cohort:
         self.inputs = decode_inputs(runner, 2 * first, 2 * images, length)  # the graphs read these on every replay
         self.backbone, _ = graphed(lambda: runner.forward(**self.inputs), self.stream)
         key = GraphKey("legacy-sde", steps, 1.0, 2, False, images)
-        self.batch = StaticBatch(key, runner.model)
-        self.batch.conditions.normal_()
-        self.batch.cfg.fill_(7.5)
-        self.batch.seed.copy_(torch.arange(images, device=runner.model.device)[:, None])
+        self.batch = random_batch(key, runner.model)
         self.head, _ = graphed(lambda: sampler._loop(key, self.batch), self.stream)
 
 

@@ -139,6 +139,12 @@ def _loop_params(key: GraphKey) -> SamplingParams:
     )
 
 
+def step_time_embeddings(fused: FusedHead, key: GraphKey, device: torch.device) -> torch.Tensor:
+    """The time embedding of each of the key's sampling steps, [num_steps, D]: fused_sample_loop's t_emb."""
+    grid = timesteps(_loop_params(key))[: key.num_steps].to(device=device, dtype=torch.float32)
+    return fused.time_embedding(grid)
+
+
 def fused_sample_loop(fused: FusedHead, key: GraphKey, batch: StaticBatch, t_emb: torch.Tensor) -> torch.Tensor:
     """sample_loop with the fused kernels: t_emb [N, D] holds the time embedding of each step's t."""
     params = _loop_params(key)
@@ -204,7 +210,7 @@ class GraphedHeadSampler:
         slots) sampled with params (GPU)."""
         if not self.use_graphs:
             return
-        largest = bucket_for(min(max_images, BUCKETS[-1]))
+        largest = bucket_for(max_images)
         for bucket in BUCKETS[: BUCKETS.index(largest) + 1]:
             key = GraphKey(params.sampler, params.num_steps, params.timesteps_shift, 2, params.rescale_guidance, bucket)
             if key not in self.graphs:
@@ -260,8 +266,7 @@ class GraphedHeadSampler:
             return sample_loop(self.model, key, batch)
         t_emb = self.time_embeddings.get(key)
         if t_emb is None:  # constant per key, computed outside any graph
-            grid = timesteps(_loop_params(key))[: key.num_steps].to(device=self.model.device, dtype=torch.float32)
-            t_emb = self.time_embeddings[key] = self.fused.time_embedding(grid)
+            t_emb = self.time_embeddings[key] = step_time_embeddings(self.fused, key, self.model.device)
         return fused_sample_loop(self.fused, key, batch, t_emb)
 
     def _capture(self, key: GraphKey, batch: StaticBatch) -> torch.cuda.CUDAGraph:
