@@ -66,6 +66,7 @@ LN_NUM_WARPS = 8
 EPILOGUE_BIAS = 0
 EPILOGUE_BIAS_SILU = 1
 EPILOGUE_GATED_RESIDUAL = 2  # out = residual + gate * (x @ W^T + b)
+EPILOGUE_GUIDED_UPDATE = 3  # few_rows_final_update: the product is v, the output the sampler's next x
 
 # ---------------------------------------------------------------------------------------------
 # torch references
@@ -170,11 +171,16 @@ if triton is not None:
     def _few_rows_kernel(
         x_ptr, w_ptr, b_ptr, out_ptr, gate_ptr, res_ptr, shift_ptr, scale_ptr, ln_w_ptr, ln_b_ptr,
         M, N, K, X_ROWS, stride_xm, stride_wn, stride_om, stride_gm, stride_rm, stride_mod, eps,
+        sample_ptr, cfg_ptr, cfg_img_ptr, seed_ptr, image_ptr, token_ptr, step, a, b, c,
         EPILOGUE: tl.constexpr, NORM: tl.constexpr, AFFINE: tl.constexpr, ROWS: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, SLOTS: tl.constexpr, IMAGES: tl.constexpr,
     ):  # fmt: skip
         """few_rows_linear: a program holds BLOCK_N whole weight rows (K <= BLOCK_K) and multiplies
-        every input row (M <= ROWS) by them at once, normalizing the rows first when NORM."""
+        every input row (M <= ROWS) by them at once, normalizing the rows first when NORM.
+
+        EPILOGUE_GUIDED_UPDATE: the rows are SLOTS guidance branches of M / SLOTS images (at most
+        IMAGES) and the product their velocity v; each program then applies guided_update to its
+        columns of the images' samples (sample_ptr, [images, N] float32) and writes those to out."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         n_ok = rn < N
@@ -197,6 +203,14 @@ if triton is not None:
         if NORM:
             shift = tl.load(shift_ptr + rm[:, None] * stride_mod + rk[None, :], row_mask, 0.0, cache_modifier=".cg")
             scale = tl.load(scale_ptr + rm[:, None] * stride_mod + rk[None, :], row_mask, 0.0, cache_modifier=".cg")
+        if EPILOGUE == 3:  # the samples (from the previous update) and the step's noise, ahead of the wait
+            images = M // SLOTS
+            im = tl.arange(0, IMAGES)
+            sample_mask = (im[:, None] < images) & n_ok[None, :]
+            sample = tl.load(sample_ptr + im[:, None] * N + rn[None, :], sample_mask, 0.0, cache_modifier=".cg")
+            z = _token_noise_columns(seed_ptr, image_ptr, token_ptr, im, images, rn, step)
+            cfg = tl.load(cfg_ptr + im, mask=im < images, other=0.0)[:, None]
+            cfg_img = tl.load(cfg_img_ptr + im, mask=im < images, other=0.0)[:, None]
         await_predecessor(PDL)
         x = tl.load(x_ptr + (rm % X_ROWS)[:, None] * stride_xm + rk[None, :], mask=row_mask, other=0.0)
         x = x.to(tl.float32)
@@ -211,7 +225,39 @@ if triton is not None:
             acc = acc / (1.0 + tl.exp(-acc))
         if EPILOGUE == 2:
             acc = res.to(tl.float32) + gate.to(tl.float32) * acc
-        tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if EPILOGUE == 3:
+            v = acc.to(w_ptr.dtype.element_ty).to(tl.float32)  # v as the unfused path stores it
+            cond = _rows_of(v, rm, im)
+            u1 = _rows_of(v, rm, im + images)
+            if SLOTS == 2:
+                guided = u1 + cfg * (cond - u1)
+            else:
+                u2 = _rows_of(v, rm, im + 2 * images)
+                guided = u2 + cfg_img * (u1 - u2) + cfg * (cond - u1)
+            tl.store(out_ptr + im[:, None] * N + rn[None, :], a * sample + b * guided + c * z, mask=sample_mask)
+        else:
+            tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
+    def _rows_of(v, rm, rows):
+        """v's rows `rows` ([R] indices into v's [ROWS, C] rows rm) as an [R, C] tensor."""
+        return tl.sum(tl.where(rm[None, :, None] == rows[:, None, None], v[None, :, :], 0.0), axis=1)
+
+    @triton.jit
+    def _token_noise_columns(seed_ptr, image_ptr, token_ptr, im, images, cols, step):
+        """model.noise.token_noise of images im (< images) at step, columns cols: [len(im), len(cols)].
+        Column 4j + m is normal m of philox counter j, as _guided_update_kernel draws a whole row."""
+        ok = im < images
+        zero = ((im[:, None] + cols[None, :]) * 0).to(tl.uint32)  # broadcasts every counter to the tile
+        seed = tl.load(seed_ptr + im, mask=ok, other=0)[:, None] + zero.to(tl.int64)
+        token = (tl.load(token_ptr + im, mask=ok, other=0) & 0xFFFFFFFF).to(tl.uint32)[:, None] + zero
+        image = (tl.load(image_ptr + im, mask=ok, other=0) & 0xFFFFFFFF).to(tl.uint32)[:, None] + zero
+        counter = (cols // 4).to(tl.uint32)[None, :] + zero
+        i0, i1, i2, i3 = tl.philox(seed, counter, token, (zero.to(tl.int32) + step).to(tl.uint32), image)
+        n0, n1 = pair_uniform_to_normal(uint_to_uniform_float(i0), uint_to_uniform_float(i1))
+        n2, n3 = pair_uniform_to_normal(uint_to_uniform_float(i2), uint_to_uniform_float(i3))
+        m = (cols % 4)[None, :]
+        return tl.where(m == 0, n0, tl.where(m == 1, n1, tl.where(m == 2, n2, n3)))
 
     @triton.jit
     def _ln_modulate_kernel(
@@ -334,18 +380,44 @@ def few_rows_linear(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residual
     out = torch.empty(m, n, device=x.device, dtype=weight.dtype)
     gate_t = gate if gate is not None else out
     res_t = residual if residual is not None else out
+    _launch_few_rows(x, weight, bias, out, epilogue, gate_t, res_t, m, norm, None)
+    return out
+
+
+def few_rows_final_update(h, weight, bias, norm, x, slots, cfg, cfg_img, seed, image, token, step, a, b, c,
+                          use_triton=None):  # fmt: skip
+    """guided_update(few_rows_linear(h, weight, bias, norm=norm).view(slots, B, -1), x, ..., rescale
+    off) with the update in the product's epilogue: one launch fewer per sampling step. h: [slots *
+    B, K] (at most FEW_ROWS rows); x: [B, token_dim] float32; the rest as guided_update."""
+    if not runs_triton(x, use_triton):
+        v = few_rows_linear(h, weight, bias, norm=norm, use_triton=False).view(slots, x.shape[0], -1)
+        no_rescale = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        return guided_update(v, x, cfg, cfg_img, no_rescale, seed, image, token, step, a, b, c, use_triton=False)
+    if h.shape[0] > FEW_ROWS or h.shape[0] != slots * x.shape[0]:
+        raise ValueError(f"few_rows_final_update takes {slots} x {x.shape[0]} <= {FEW_ROWS} rows, got {h.shape[0]}")
+    out = torch.empty_like(x)
+    update = (x, cfg, cfg_img, seed, image, token, step, a, b, c, slots)
+    _launch_few_rows(h, weight, bias, out, EPILOGUE_GUIDED_UPDATE, out, out, h.shape[0], norm, update)
+    return out
+
+
+def _launch_few_rows(x, weight, bias, out, epilogue, gate, res, m, norm, update):
+    x_rows, k = x.shape
+    n = weight.shape[0]
     shift, scale, ln_weight, ln_bias = norm if norm is not None else (out, out, None, None)
     affine = ln_weight is not None
+    no_update = (out,) * 6 + (0, 0.0, 0.0, 0.0, 1)
+    sample, cfg, cfg_img, seed, image, token, step, a, b, c, slots = update or no_update
     pdl = _pdl(x)
     block_n, warps = FEW_ROWS_TILE
     _few_rows_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias, out, gate_t, res_t, shift, scale, ln_weight if affine else bias, ln_bias if affine else bias,
-        m, n, k, x_rows, x.stride(0), weight.stride(0), out.stride(0), gate_t.stride(0), res_t.stride(0),
-        shift.stride(0), LN_EPS,
+        x, weight, bias, out, gate, res, shift, scale, ln_weight if affine else bias, ln_bias if affine else bias,
+        m, n, k, x_rows, x.stride(0), weight.stride(0), out.stride(0), gate.stride(0), res.stride(0),
+        shift.stride(0), LN_EPS, sample, cfg, cfg_img, seed, image, token, step, float(a), float(b), float(c),
         EPILOGUE=epilogue, NORM=norm is not None, AFFINE=affine, ROWS=triton.next_power_of_2(m),
-        BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k), PDL=pdl, num_warps=warps, launch_pdl=pdl,
+        BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k), PDL=pdl, SLOTS=slots,
+        IMAGES=triton.next_power_of_2(max(1, m // slots)), num_warps=warps, launch_pdl=pdl,
     )  # fmt: skip
-    return out
 
 
 def ln_modulate(h, shift, scale, weight=None, bias=None, eps=LN_EPS, use_triton=None):
@@ -455,8 +527,32 @@ class FusedHead:
         d = self.width
         return mod[:, 3 * d * j :].split(d, dim=1)[:3]
 
+    def sampling_step(self, x, mod, slots, scales, counters, step, a, b, c, rescale: bool) -> torch.Tensor:
+        """One sampler step: guided_update(velocity(x, mod) as [slots, B, D], x, *scales, *counters,
+        step, a, b, c). For a few rows without rescaling (each column's update then stands alone) the
+        update runs in the final layer's epilogue, one launch fewer."""
+        use = self.use_triton
+        if _few_rows(mod.shape[0]) and not rescale and runs_triton(x, use):
+            shift, scale = self._modulation(mod, len(self.net.res_blocks))[:2]
+            final = self.net.final_layer.linear
+            h = self._blocks_few_rows(x, mod)
+            cfg, cfg_img, _ = scales
+            return few_rows_final_update(
+                h, final.weight, final.bias, (shift, scale, None, None), x, slots, cfg, cfg_img, *counters, step,
+                a, b, c, use_triton=use,
+            )  # fmt: skip
+        v = self.velocity(x, mod).view(slots, x.shape[0], -1)
+        return guided_update(v, x, *scales, *counters, step, a, b, c, use_triton=use)
+
     def _velocity_few_rows(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """velocity() as few_rows_linear kernels: two per residual block, each LayerNorm inside."""
+        shift, scale = self._modulation(mod, len(self.net.res_blocks))[:2]
+        final = self.net.final_layer.linear
+        h = self._blocks_few_rows(x, mod)
+        return few_rows_linear(h, final.weight, final.bias, norm=(shift, scale, None, None), use_triton=self.use_triton)
+
+    def _blocks_few_rows(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        """The input projection and residual blocks as few_rows_linear kernels -> h before the final layer."""
         net, use = self.net, self.use_triton
         h = few_rows_linear(x, net.input_proj.weight, net.input_proj.bias, rows=mod.shape[0], use_triton=use)
         for j, block in enumerate(net.res_blocks):
@@ -465,9 +561,7 @@ class FusedHead:
             norm = (shift, scale, block.in_ln.weight, block.in_ln.bias)
             u = few_rows_linear(h, first.weight, first.bias, EPILOGUE_BIAS_SILU, norm=norm, use_triton=use)
             h = few_rows_linear(u, second.weight, second.bias, EPILOGUE_GATED_RESIDUAL, gate, h, use_triton=use)
-        shift, scale = self._modulation(mod, len(net.res_blocks))[:2]
-        final = net.final_layer.linear
-        return few_rows_linear(h, final.weight, final.bias, norm=(shift, scale, None, None), use_triton=use)
+        return h
 
     def _blocks_on_triton(self, h: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """The residual blocks with SiLU and the gated residual in the GEMMs' epilogues; returns the

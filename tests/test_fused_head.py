@@ -192,3 +192,24 @@ def test_fused_engine_matches_the_reference_generator(chunk_rows, monkeypatch):
         EngineRequest("sde", t2i(sampler="sde", use_norm=False, seed=4, num_steps=3)),
     ]
     assert_tokens_close_to_reference(load_bundle("tiny", seed=0), specs, EngineConfig(fused_head=True))
+
+
+@pytest.mark.parametrize("slots,images", [(2, 1), (2, 2), (3, 1)])
+def test_sampling_step_with_the_update_in_the_final_layer_matches_velocity_then_update(slots, images, monkeypatch):
+    torch.manual_seed(slots * 10 + images)
+    head = FlowMatchingHead(token_dim=64, cond_dim=48, width=32, depth=2)
+    for p in head.parameters():
+        p.data.normal_(0, 0.3)
+    fused = FusedHead(head.net, use_triton=True)
+    x, c = torch.randn(images, 64), torch.randn(slots * images, 48)
+    scales = (torch.rand(images) * 5, torch.rand(images) * 3, torch.zeros(images, dtype=torch.bool))
+    counters = (torch.randint(0, 2**40, (images,)), torch.arange(images), torch.randint(0, 1000, (images,)))
+    with torch.no_grad():
+        mod = fused.modulations(fused.time_embedding(torch.tensor([0.6])), fused.cond_embedding(c))[0]
+        got = fused.sampling_step(x, mod, slots, scales, counters, 5, 0.9, 0.3, 0.5, rescale=False)
+        v = fused.velocity(x, mod).view(slots, images, -1)
+        want = guided_update(v, x, *scales, *counters, 5, 0.9, 0.3, 0.5, use_triton=True)
+        monkeypatch.setattr(fused_head, "FEW_ROWS", 0)  # the same step with a separate update kernel
+        separate = fused.sampling_step(x, mod, slots, scales, counters, 5, 0.9, 0.3, 0.5, rescale=False)
+    assert rel(got, want) < 1e-6
+    assert rel(separate, want) < 1e-6

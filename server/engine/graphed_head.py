@@ -158,9 +158,8 @@ def fused_sample_loop(fused: FusedHead, key: GraphKey, batch: StaticBatch, t_emb
     for i in range(key.num_steps):
         if i % chunk == 0:
             mods = fused.modulations(t_emb[i : i + chunk], cond_emb)
-        v = fused.velocity(x, mods[i % chunk]).view(key.slots, key.bucket, -1)
         a, b, c = update_coefficients(params, i)
-        x = guided_update(v, x, *scales, *counters, i + 1, a, b, c, use_triton=fused.use_triton)
+        x = fused.sampling_step(x, mods[i % chunk], key.slots, scales, counters, i + 1, a, b, c, key.rescale)
     normed = F.layer_norm(x, x.shape[-1:], eps=TOKEN_NORM_EPS)
     return torch.where(batch.use_norm, normed, x)
 
