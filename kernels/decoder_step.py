@@ -73,14 +73,6 @@ if triton is not None:
             return v.to(DTYPE).to(tl.float32)
 
     @triton.jit
-    def rotary(x, partner, cos, sin, first_half):
-        """x * cos + rotate_half(x) * sin in x's dtype, each product rounded as eager PyTorch computes
-        it. partner: x's other half (element i + d/2 mod d); cos, sin: float32; first_half: i < d/2."""
-        rotated = tl.where(first_half, -partner.to(tl.float32), partner.to(tl.float32))
-        out = _round_to(x.to(tl.float32) * cos, x.dtype) + _round_to(rotated * sin, x.dtype)
-        return _round_to(out, x.dtype).to(x.dtype)
-
-    @triton.jit
     def _add_rms_norm_kernel(
         x_ptr, delta_ptr, w_ptr, x_out_ptr, h_ptr, D, eps,
         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
@@ -122,7 +114,12 @@ if triton is not None:
             tl.store(
                 v_cache_ptr + (slot * KV + head - H) * DIM + i, tl.load(v_ptr + t * stride_v + (head - H) * DIM + i)
             )
-        tl.store(dst + i, rotary(tl.load(src + i), tl.load(src + partner), cos, sin, i < DIM // 2))
+        x = tl.load(src + i)
+        rotated = tl.load(src + partner).to(tl.float32)
+        rotated = tl.where(i < DIM // 2, -rotated, rotated)
+        # x * cos + rotate_half(x) * sin with each product rounded, as eager PyTorch computes it
+        out = _round_to(x.to(tl.float32) * cos, x.dtype) + _round_to(rotated * sin, x.dtype)
+        tl.store(dst + i, _round_to(out, x.dtype).to(x.dtype))
 
     @triton.jit
     def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, N, stride_g, stride_u, BLOCK: tl.constexpr, PDL: tl.constexpr):

@@ -194,15 +194,6 @@ if triton is not None:
         rm = tl.arange(0, ROWS)
         row_mask = (rm[:, None] < M) & k_ok[None, :]
         out_mask = (rm[:, None] < M) & n_ok[None, :]
-        # Gate, residual and modulations come from kernels at least two launches back, complete before
-        # this one launched (see await_predecessor), so they too are requested before the wait; from
-        # L2 (.cg): L1 may hold stale lines of these reused buffers until the wait.
-        if EPILOGUE == 2:
-            gate = tl.load(gate_ptr + rm[:, None] * stride_gm + rn[None, :], out_mask, 0.0, cache_modifier=".cg")
-            res = tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], out_mask, 0.0, cache_modifier=".cg")
-        if NORM:
-            shift = tl.load(shift_ptr + rm[:, None] * stride_mod + rk[None, :], row_mask, 0.0, cache_modifier=".cg")
-            scale = tl.load(scale_ptr + rm[:, None] * stride_mod + rk[None, :], row_mask, 0.0, cache_modifier=".cg")
         if EPILOGUE == 3:  # the samples (from the previous update) and the step's noise, ahead of the wait
             images = M // SLOTS
             im = tl.arange(0, IMAGES)
@@ -214,7 +205,12 @@ if triton is not None:
         await_predecessor(PDL)
         x = tl.load(x_ptr + (rm % X_ROWS)[:, None] * stride_xm + rk[None, :], mask=row_mask, other=0.0)
         x = x.to(tl.float32)
+        if EPILOGUE == 2:  # requested with x, not after the reduction
+            gate = tl.load(gate_ptr + rm[:, None] * stride_gm + rn[None, :], mask=out_mask, other=0.0)
+            res = tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=out_mask, other=0.0)
         if NORM:  # LayerNorm (affine when AFFINE) and adaLN modulate, as ln_modulate
+            shift = tl.load(shift_ptr + rm[:, None] * stride_mod + rk[None, :], mask=row_mask, other=0.0)
+            scale = tl.load(scale_ptr + rm[:, None] * stride_mod + rk[None, :], mask=row_mask, other=0.0)
             x = _normalize(x, row_mask, K, eps, AXIS=1)
             if AFFINE:
                 x = x * ln_w[None, :] + ln_b[None, :]
@@ -290,6 +286,7 @@ if triton is not None:
         SLOTS: tl.constexpr, HAS_V: tl.constexpr, DIM: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0)
+        await_predecessor(PDL)
         # the row's DIM numbers as a [DIM/4, 4] tile: element 4j+m is normal m of philox counter j
         j = tl.arange(0, DIM // 4)
         m = tl.arange(0, 4)
@@ -304,22 +301,16 @@ if triton is not None:
         z = tl.where(m[None, :] == 0, n0[:, None], tl.where(m[None, :] == 1, n1[:, None],
                      tl.where(m[None, :] == 2, n2[:, None], n3[:, None])))  # fmt: skip
         if HAS_V:
-            # all but v comes from earlier launches (x: the previous update) and is read before the
-            # wait, with the noise drawn meanwhile; x from L2, as in _few_rows_kernel
-            x = tl.load(x_ptr + row * DIM + offs, cache_modifier=".cg")
-            cfg = tl.load(cfg_ptr + row)
-            cfg_img = tl.load(cfg_img_ptr + row)
-            rescale = tl.load(rescale_ptr + row)
-        await_predecessor(PDL)
-        if HAS_V:
+            x = tl.load(x_ptr + row * DIM + offs)
             cond = tl.load(v_ptr + row * DIM + offs).to(tl.float32)
             u1 = tl.load(v_ptr + (B + row) * DIM + offs).to(tl.float32)
+            cfg = tl.load(cfg_ptr + row)
             if SLOTS == 2:
                 guided = u1 + cfg * (cond - u1)
             else:
                 u2 = tl.load(v_ptr + (2 * B + row) * DIM + offs).to(tl.float32)
-                guided = u2 + cfg_img * (u1 - u2) + cfg * (cond - u1)
-            if rescale != 0:
+                guided = u2 + tl.load(cfg_img_ptr + row) * (u1 - u2) + cfg * (cond - u1)
+            if tl.load(rescale_ptr + row) != 0:
                 cond_norm = tl.sqrt(tl.sum(tl.sum(cond * cond, axis=1), axis=0))
                 guided_norm = tl.sqrt(tl.sum(tl.sum(guided * guided, axis=1), axis=0))
                 guided = guided * tl.minimum(cond_norm / (guided_norm + 1e-6), 1.0)

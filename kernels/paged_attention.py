@@ -32,7 +32,6 @@ try:
     import triton
     import triton.language as tl
 
-    from kernels.decoder_step import rotary
     from kernels.dispatch import await_predecessor
 except ImportError:  # CPU installs run the reference only
     triton = None
@@ -46,7 +45,6 @@ _MIN_PARTITION = 128  # fewest keys worth a split-K program of its own (H200: 12
 _DECODE_PROGRAMS = 512  # enough decode programs to fill an H200's 132 SMs a few times over
 DECODE_LAUNCH: dict = {}  # num_warps / num_stages of the decode kernel (bench/gpu_check.py --sweeps them)
 PDL = True  # decode kernels launch as programmatic dependents of the previous kernel (Hopper), see dispatch.py
-MERGE_IN_DECODE = True  # the last partition program of a (sequence, kv head) merges the partitions: no second kernel
 
 
 class PagedAttentionError(ValueError):
@@ -91,7 +89,8 @@ def paged_attention(
     CPU, flash-attn on CUDA where it supports the inputs, else Triton.
     """
     _check_shapes(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
-    backend = resolved_backend(q, k_cache, backend)
+    if backend is None:
+        backend = _automatic_backend(q, k_cache)
     if backend == "reference":
         return paged_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc)
     if backend == "flash_attn":
@@ -201,11 +200,6 @@ def _check_lengths(starts: list[int], lengths: list[int], num_tokens: int, max_k
             )
 
 
-def resolved_backend(q: torch.Tensor, k_cache: torch.Tensor, backend: str | None = None) -> str:
-    """The backend paged_attention runs for these inputs: backend, or the automatic choice if None."""
-    return backend or _automatic_backend(q, k_cache)
-
-
 def _automatic_backend(q: torch.Tensor, k_cache: torch.Tensor) -> str:
     if not q.is_cuda:
         return "reference"
@@ -229,7 +223,7 @@ def _flash_attn_unsupported_reason(q: torch.Tensor, k_cache: torch.Tensor) -> st
 
 
 @functools.cache
-def _flash_attn_installed() -> bool:
+def _flash_attn_installed() -> bool:  # asked for every layer of an eager step: look it up once
     return importlib.util.find_spec("flash_attn") is not None
 
 
@@ -266,16 +260,12 @@ def paged_decode_attention_triton(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     partition_size: int | None = None,
-    new_kv: tuple | None = None,
 ) -> torch.Tensor:
     """Decode attention (one query per sequence, the last position) with the Triton kernels.
 
     q: [S, heads, d]; k_cache, v_cache: [num_blocks, block_size, kv_heads, d]; block_tables: int32
     [S, max_blocks]; seq_lens: int32 [S] -> [S, heads, d]. partition_size: keys per split-K program,
     a multiple of 64; by default picked from the shapes alone, so no host sync (graph-capturable).
-    new_kv: (k, v, cos, sin, slots) as kernels.decoder_step.rope_write_kv takes them, with q not yet
-    rotated either: the kernel then does that work too (rotates q and each new key, stores the new
-    keys and values at slots before reading them), one launch fewer per layer.
     """
     _check_shapes(q, k_cache, v_cache, block_tables, seq_lens)
     _check_triton_inputs(q, k_cache, block_tables, seq_lens)
@@ -288,8 +278,8 @@ def paged_decode_attention_triton(
         raise PagedAttentionError(f"partition_size must be a positive multiple of {_KEY_TILE}, got {partition_size}")
     num_partitions = -(-max_keys // partition_size)
     split = num_partitions > 1
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    out = torch.empty(num_seqs, heads, head_dim, device=q.device, dtype=q.dtype)
+    q = q.contiguous()  # out = empty_like(q) then shares q's strides
+    out = torch.empty_like(q)
     if split:
         partial_out = torch.empty(num_seqs, heads, num_partitions, head_dim, device=q.device, dtype=torch.float32)
         partial_max = torch.empty(num_seqs, heads, num_partitions, device=q.device, dtype=torch.float32)
@@ -298,19 +288,15 @@ def paged_decode_attention_triton(
         partial_out = partial_max = partial_sum = out
     group = heads // kv_heads
     pdl = PDL and supports_pdl(q)
-    merge = split and MERGE_IN_DECODE
-    counters = _arrival_counters(q.device, num_seqs * kv_heads) if merge else seq_lens
-    new_k, new_v, cos, sin, slots = new_kv if new_kv is not None else (q, q, q, q, seq_lens)
     _decode_kernel[(num_seqs, kv_heads, num_partitions)](
-        q, k_cache, v_cache, out, partial_out, partial_max, partial_sum, counters,
-        new_k, new_v, cos, sin, slots, block_tables, seq_lens, 1.0 / math.sqrt(head_dim), partition_size,
-        num_partitions, q.stride(0), q.stride(1), out.stride(0), new_k.stride(0), new_v.stride(0), cos.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        q, k_cache, v_cache, out, partial_out, partial_max, partial_sum,
+        block_tables, seq_lens, 1.0 / math.sqrt(head_dim), partition_size, num_partitions,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, ROWS=max(_MIN_DECODE_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=k_cache.shape[1], KEY_TILE=_KEY_TILE, SPLIT=split, MERGE=merge, ROPE=new_kv is not None,
-        DOT_PRECISION=_dot_precision(q), PDL=pdl, launch_pdl=pdl, **DECODE_LAUNCH,
+        BLOCK_SIZE=k_cache.shape[1], KEY_TILE=_KEY_TILE, SPLIT=split, DOT_PRECISION=_dot_precision(q),
+        PDL=pdl, launch_pdl=pdl, **DECODE_LAUNCH,
     )  # fmt: skip
-    if split and not merge:
+    if split:
         _reduce_partitions_kernel[(num_seqs, heads)](
             partial_out, partial_max, partial_sum, out, seq_lens, partition_size, num_partitions,
             out.stride(0), out.stride(1),
@@ -375,20 +361,6 @@ def _default_partition_size(programs_per_partition: int, max_keys: int) -> int:
     return max(_MIN_PARTITION, 1 << (keys_per_partition - 1).bit_length())
 
 
-_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def _arrival_counters(device: torch.device, count: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per (sequence, kv head), that the decode kernel leaves zeroed again.
-
-    Kept per device (decode launches on a device run one after another), so no launch needs a memset;
-    made before a graph capture by the eager warm-up run."""
-    counters = _counters.get(device)
-    if counters is None or counters.numel() < count:
-        counters = _counters[device] = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
-    return counters
-
-
 def _dot_precision(q: torch.Tensor) -> str:
     # float32 inputs would otherwise be rounded to tf32 on tensor cores.
     return "ieee" if q.dtype == torch.float32 else "tf32"
@@ -421,20 +393,13 @@ if triton is not None:
 
     @triton.jit
     def _decode_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_ptr, partial_max_ptr, partial_sum_ptr, counters_ptr,
-        new_k_ptr, new_v_ptr, cos_ptr, sin_ptr, slots_ptr, block_tables_ptr, seq_lens_ptr, scale, partition_size,
-        num_partitions, q_stride_t, q_stride_h, out_stride_t, new_k_stride, new_v_stride, cos_stride,
-        cache_stride_b, cache_stride_t, cache_stride_h, table_stride,
+        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_out_ptr, partial_max_ptr, partial_sum_ptr,
+        block_tables_ptr, seq_lens_ptr, scale, partition_size, num_partitions,
+        q_stride_t, q_stride_h, cache_stride_b, cache_stride_t, cache_stride_h, table_stride,
         GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        KEY_TILE: tl.constexpr, SPLIT: tl.constexpr, MERGE: tl.constexpr, ROPE: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+        KEY_TILE: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        """One program per (sequence, kv head, key partition): all query heads of the group as rows.
-
-        SPLIT: partial results go to the partial buffers; MERGE: the last program of a (sequence, kv
-        head) to arrive then merges them into out, in partition order (the result does not depend on
-        which program came last), and rezeroes its arrival counter. ROPE: q and the new key arrive
-        unrotated; the program whose partition holds the new position stores its key and value."""
+        """One program per (sequence, kv head, key partition): all query heads of the group as rows."""
         await_predecessor(PDL)
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -449,24 +414,8 @@ if triton is not None:
         dims = tl.arange(0, HEAD_DIM)
         heads = kv_head * GROUP + rows
         row_ok = rows < GROUP  # the group is padded to ROWS rows of zeros
-        q_rows = q_ptr + seq * q_stride_t + heads[:, None] * q_stride_h
-        q = tl.load(q_rows + dims[None, :], mask=row_ok[:, None], other=0.0)
-        if ROPE:
-            partner = (dims + HEAD_DIM // 2) % HEAD_DIM
-            first_half = dims < HEAD_DIM // 2
-            cos = tl.load(cos_ptr + seq * cos_stride + dims).to(tl.float32)
-            sin = tl.load(sin_ptr + seq * cos_stride + dims).to(tl.float32)
-            q_partner = tl.load(q_rows + partner[None, :], mask=row_ok[:, None], other=0.0)
-            q = rotary(q, q_partner, cos[None, :], sin[None, :], first_half[None, :])
-            if key_end == seq_len:  # the new position is ours: rotate its key, store key and value
-                slot = tl.load(slots_ptr + seq)
-                cache = (slot // BLOCK_SIZE) * cache_stride_b + (slot % BLOCK_SIZE) * cache_stride_t
-                cache += kv_head * cache_stride_h + dims
-                k_new = new_k_ptr + seq * new_k_stride + kv_head * HEAD_DIM
-                k_new = rotary(tl.load(k_new + dims), tl.load(k_new + partner), cos, sin, first_half)
-                tl.store(k_cache_ptr + cache, k_new)
-                tl.store(v_cache_ptr + cache, tl.load(new_v_ptr + seq * new_v_stride + kv_head * HEAD_DIM + dims))
-                tl.debug_barrier()  # stored before any thread reads that position back below
+        q_offsets = seq * q_stride_t + heads[:, None] * q_stride_h + dims[None, :]
+        q = tl.load(q_ptr + q_offsets, mask=row_ok[:, None], other=0.0)
 
         row_max = tl.full([ROWS], float("-inf"), tl.float32)
         row_sum = tl.zeros([ROWS], tl.float32)
@@ -485,47 +434,14 @@ if triton is not None:
                 q, k, v, key_ok[None, :], row_max, row_sum, acc, scale, DOT_PRECISION
             )
 
-        out_ptrs = out_ptr + seq * out_stride_t + heads[:, None] * HEAD_DIM + dims[None, :]
         if SPLIT:
             slots = (seq * tl.num_programs(1) * GROUP + heads) * num_partitions + partition
             tl.store(partial_max_ptr + slots, row_max, mask=row_ok)
             tl.store(partial_sum_ptr + slots, row_sum, mask=row_ok)
             tl.store(partial_out_ptr + slots[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None])
-            if MERGE:
-                tl.debug_barrier()  # every thread's partial stores precede the release below
-                counter = counters_ptr + seq * tl.num_programs(1) + kv_head
-                used = tl.cdiv(seq_len, partition_size)
-                if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == used - 1:
-                    tl.store(counter, 0)
-                    first_slots = slots - partition
-                    _merge_partitions(
-                        partial_out_ptr, partial_max_ptr, partial_sum_ptr, out_ptrs, first_slots, row_ok, used, ROWS,
-                        HEAD_DIM,
-                    )  # fmt: skip
         else:
             out = acc / row_sum[:, None]
-            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-
-    @triton.jit
-    def _merge_partitions(partial_out_ptr, partial_max_ptr, partial_sum_ptr, out_ptrs, first_slots, row_ok, used,
-                          ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
-        """Rows' softmax pieces of partitions 0..used-1 (slots first_slots + p) merged into out_ptrs.
-        Loads bypass L1: other programs wrote the pieces during this launch."""
-        dims = tl.arange(0, HEAD_DIM)
-        top = tl.load(partial_max_ptr + first_slots, mask=row_ok, other=0.0, cache_modifier=".cg")
-        for p in range(1, used):
-            part_max = tl.load(partial_max_ptr + first_slots + p, mask=row_ok, other=0.0, cache_modifier=".cg")
-            top = tl.maximum(top, part_max)
-        total = tl.zeros_like(top)
-        acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
-        for p in range(used):
-            slot = first_slots + p
-            weight = tl.exp(tl.load(partial_max_ptr + slot, mask=row_ok, other=0.0, cache_modifier=".cg") - top)
-            total += weight * tl.load(partial_sum_ptr + slot, mask=row_ok, other=0.0, cache_modifier=".cg")
-            part_out = partial_out_ptr + slot[:, None] * HEAD_DIM + dims[None, :]
-            acc += weight[:, None] * tl.load(part_out, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
-        out = acc / tl.where(row_ok, total, 1.0)[:, None]
-        tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(out_ptr + q_offsets, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit
     def _reduce_partitions_kernel(

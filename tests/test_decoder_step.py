@@ -12,7 +12,6 @@ from kernels.decoder_step import (
     silu_mul,
     silu_mul_reference,
 )
-from kernels.paged_attention import paged_decode_attention_triton
 from model.decoder import RMSNorm
 from model.rope import RotaryEmbedding
 from tests.test_fused_head import rel
@@ -65,23 +64,3 @@ def test_engine_with_fused_backbone_matches_the_reference_generator():
 
     specs = [EngineRequest("cfg", t2i(n=2, seed=2, num_steps=2)), EngineRequest("edit", edit("red", seed=3, num_steps=2))]
     assert_tokens_close_to_reference(load_bundle("tiny", seed=0), specs, EngineConfig(fused_backbone=True, max_batched_tokens=24))
-
-
-def test_engine_with_fused_backbone_and_triton_attention_matches_the_reference_generator(monkeypatch):
-    # decode steps then rotate and store the new keys inside the decode attention kernel
-    from model.bundle import load_bundle
-    from server.engine import model_runner
-    from server.engine.engine import EngineConfig
-    from server.engine.events import EngineRequest
-    from tests.test_engine import assert_tokens_close_to_reference, t2i
-
-    fused_calls = []
-
-    def decode_attention(*args, new_kv=None, **kwargs):
-        fused_calls.append(new_kv is not None)
-        return paged_decode_attention_triton(*args, new_kv=new_kv, **kwargs)
-
-    monkeypatch.setattr(model_runner, "paged_decode_attention_triton", decode_attention)
-    config = EngineConfig(fused_backbone=True, attention_backend="triton", max_batched_tokens=24)
-    assert_tokens_close_to_reference(load_bundle("tiny", seed=0), [EngineRequest("cfg", t2i(seed=2, num_steps=2))], config)
-    assert fused_calls and all(fused_calls)

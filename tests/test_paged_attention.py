@@ -154,43 +154,6 @@ def test_triton_decode_split_over_key_partitions_matches_reference(heads, kv_hea
     assert_close(out, paged_attention_reference(*batch.args()), atol=1e-4)
 
 
-def test_triton_decode_merge_inside_the_kernel_matches_the_merge_kernel_and_rearms_its_counters(monkeypatch):
-    batch = random_batch([1, 64, 65, 200], [1, 1, 1, 1], 10, 2, head_dim=32, block_size=16, seed=3)
-    merged_inside = paged_decode_attention_triton(*batch.args()[:5], partition_size=64)
-    assert not paged._counters[merged_inside.device].any()  # the next launch starts from zero again
-    assert torch.equal(paged_decode_attention_triton(*batch.args()[:5], partition_size=64), merged_inside)
-    monkeypatch.setattr(paged, "MERGE_IN_DECODE", False)
-    merge_kernel = paged_decode_attention_triton(*batch.args()[:5], partition_size=64)
-    assert_close(merged_inside, merge_kernel, atol=1e-6)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("partition_size", [64, None])
-def test_triton_decode_with_new_kv_does_rope_write_kv_inside_and_matches_it(dtype, partition_size):
-    from kernels.decoder_step import rope_write_kv
-    from model.rope import RotaryEmbedding
-
-    heads, kv_heads, d = 10, 2, 32
-    batch = random_batch([1, 64, 65, 200], [1, 1, 1, 1], heads, kv_heads, d, block_size=16, dtype=dtype, seed=4)
-    seq_lens = batch.seq_lens
-    # each sequence's new position: the last slot its block table maps
-    last = (seq_lens - 1).long()
-    slots = batch.block_tables[torch.arange(4), last // 16].long() * 16 + last % 16
-    cos, sin = RotaryEmbedding(d, 10000.0, None, 4096).cos_sin(last, dtype)
-    qkv = torch.randn(4, (heads + 2 * kv_heads) * d).to(dtype)  # strided views, as from the QKV product
-    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=1)
-    q, k, v = q.view(4, heads, d), k.view(4, kv_heads, d), v.view(4, kv_heads, d)
-    caches = [batch.k_cache.clone(), batch.v_cache.clone()]
-    fused = paged_decode_attention_triton(
-        q, *caches, batch.block_tables, seq_lens, partition_size=partition_size, new_kv=(k, v, cos, sin, slots)
-    )
-    rotated = rope_write_kv(q, k, v, cos, sin, batch.k_cache, batch.v_cache, slots, use_triton=True)
-    assert torch.equal(caches[0], batch.k_cache) and torch.equal(caches[1], batch.v_cache)
-    separate = paged_decode_attention_triton(rotated, batch.k_cache, batch.v_cache, batch.block_tables, seq_lens,
-                                             partition_size=partition_size)  # fmt: skip
-    assert torch.equal(fused, separate)
-
-
 def test_triton_decode_splits_a_long_sequence_by_default_and_matches_reference():
     # One sequence over two kv heads is too few programs, so the keys are split without being asked.
     batch = random_batch([300], [1], 4, 2, head_dim=32, block_size=32)

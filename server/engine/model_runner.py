@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.decoder_step import add_rms_norm, rope_write_kv, silu_mul
-from kernels.paged_attention import paged_attention, paged_decode_attention_triton, resolved_backend, write_kv
+from kernels.paged_attention import paged_attention, write_kv
 from model.bundle import ModelBundle
 from model.rope import apply_rotary
 
@@ -154,13 +154,8 @@ class ModelRunner:
             attn, d = layer.self_attn, layer.self_attn.head_dim
             q, k, v = proj.qkv(h).split(proj.qkv_sizes, dim=1)
             q, k, v = q.view(total, -1, d), k.view(total, -1, d), v.view(total, -1, d)
-            caches = (self.k_cache[i], self.v_cache[i])
-            backend = resolved_backend(q, caches[0], self.attention_backend)
-            if total == seq_lens.shape[0] and backend == "triton":  # decode: rotary and cache write in its kernel
-                out = paged_decode_attention_triton(q, *caches, tables, seq_lens, new_kv=(k, v, cos, sin, slots))
-            else:
-                q = rope_write_kv(q, k, v, cos, sin, *caches, slots, use_triton=use)
-                out = paged_attention(q, *caches, tables, seq_lens, starts, backend=backend)
+            q = rope_write_kv(q, k, v, cos, sin, self.k_cache[i], self.v_cache[i], slots, use_triton=use)
+            out = paged_attention(q, self.k_cache[i], self.v_cache[i], tables, seq_lens, starts, backend=self.attention_backend)
             x, h = add_rms_norm(x, attn.o_proj(out.view(total, -1)), layer.post_attention_layernorm, use_triton=use)
             gate, up = proj.gate_up(h).chunk(2, dim=1)
             delta = layer.mlp.down_proj(silu_mul(gate, up, use_triton=use))
