@@ -194,7 +194,7 @@ if triton is not None:
         rm = tl.arange(0, ROWS)
         row_mask = (rm[:, None] < M) & k_ok[None, :]
         out_mask = (rm[:, None] < M) & n_ok[None, :]
-        if EPILOGUE == 3:  # the samples (from the previous update) and the step's noise, ahead of the wait
+        if EPILOGUE == 3:  # the samples and the step's noise ahead of the wait, as in _guided_update_kernel
             images = M // SLOTS
             im = tl.arange(0, IMAGES)
             sample_mask = (im[:, None] < images) & n_ok[None, :]
@@ -286,7 +286,6 @@ if triton is not None:
         SLOTS: tl.constexpr, HAS_V: tl.constexpr, DIM: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0)
-        await_predecessor(PDL)
         # the row's DIM numbers as a [DIM/4, 4] tile: element 4j+m is normal m of philox counter j
         j = tl.arange(0, DIM // 4)
         m = tl.arange(0, 4)
@@ -301,16 +300,23 @@ if triton is not None:
         z = tl.where(m[None, :] == 0, n0[:, None], tl.where(m[None, :] == 1, n1[:, None],
                      tl.where(m[None, :] == 2, n2[:, None], n3[:, None])))  # fmt: skip
         if HAS_V:
-            x = tl.load(x_ptr + row * DIM + offs)
+            # All but v comes from earlier launches (x: the previous update; complete before this one
+            # launched, see await_predecessor) and is read before the wait, while the noise is drawn:
+            # off the chain of dependent launches. x from L2 (.cg): L1 may hold stale lines until the wait.
+            x = tl.load(x_ptr + row * DIM + offs, cache_modifier=".cg")
+            cfg = tl.load(cfg_ptr + row)
+            cfg_img = tl.load(cfg_img_ptr + row)
+            rescale = tl.load(rescale_ptr + row)
+        await_predecessor(PDL)
+        if HAS_V:
             cond = tl.load(v_ptr + row * DIM + offs).to(tl.float32)
             u1 = tl.load(v_ptr + (B + row) * DIM + offs).to(tl.float32)
-            cfg = tl.load(cfg_ptr + row)
             if SLOTS == 2:
                 guided = u1 + cfg * (cond - u1)
             else:
                 u2 = tl.load(v_ptr + (2 * B + row) * DIM + offs).to(tl.float32)
-                guided = u2 + tl.load(cfg_img_ptr + row) * (u1 - u2) + cfg * (cond - u1)
-            if tl.load(rescale_ptr + row) != 0:
+                guided = u2 + cfg_img * (u1 - u2) + cfg * (cond - u1)
+            if rescale != 0:
                 cond_norm = tl.sqrt(tl.sum(tl.sum(cond * cond, axis=1), axis=0))
                 guided_norm = tl.sqrt(tl.sum(tl.sum(guided * guided, axis=1), axis=0))
                 guided = guided * tl.minimum(cond_norm / (guided_norm + 1e-6), 1.0)
