@@ -50,7 +50,7 @@ def check_attention(results: dict) -> None:
     heads, kv_heads, d, block = 40, 8, 128, 16
     cases = {
         "decode_256x~550": ([1] * 256, 256, 1100),
-        "decode_2x~550": ([1] * 2, 2, 1100),  # one image: keys split over partitions, merged in the kernel
+        "decode_2x~550": ([1] * 2, 2, 1100),  # one image: keys split over partitions, then merged
         "prefill_mix": ([1, 7, 64, 200, 1] * 4, 20, 1300),
     }
     out = {}
@@ -87,7 +87,7 @@ def check_attention(results: dict) -> None:
                 row[backend] = f"unavailable: {type(err).__name__}: {err}"[:200]
                 continue
             rel = ((got - ref).norm() / ref.norm()).item()
-            # a race between the programs that merge partitions would show as repeats that differ
+            # a race between programs would show as repeats that differ
             same = all(torch.equal(paged_attention(*args, backend=backend).float(), got) for _ in range(20))
             row[backend] = {"rel_error": rel, "repeats_identical": same,
                             "ms": timed(lambda: paged_attention(*args, backend=backend))}  # fmt: skip

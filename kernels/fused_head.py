@@ -5,7 +5,8 @@ depend only on y = t_emb + cond_emb, never on x), then per residual block a Laye
 kernel and two GEMMs whose epilogues fuse bias+SiLU and bias+gate*u+residual, then the final
 layer, then one kernel that combines the guidance branches, applies the sampler update and draws
 the step's noise in-kernel with the same Philox counters as model.noise.token_noise. Up to
-FEW_ROWS rows (one or two images) few_rows_linear does the products with each LayerNorm inside.
+FEW_ROWS rows (one or two images) few_rows_linear does the products with each LayerNorm inside,
+and unless an image rescales its guidance the update runs in the final layer's epilogue.
 
 Shapes: rows R = slots * B (slot-major: all images' cond rows, then their uncond rows, ...),
 D = head width, token_dim = 64.
