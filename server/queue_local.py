@@ -106,9 +106,11 @@ class LocalQueue:
         self._deliver(job_id, event)
 
     def finish(self, job_id: str, event: ResultEvent | FailedEvent) -> None:
+        # the slot frees before the result goes out: a client that sends its next request on hearing
+        # it must find room (seen as a 429 under the bound when the worker thread was slow to drop)
+        self.drop(job_id)
         self._deliver(job_id, event)
         self._forget(job_id)  # the subscriber holds its subscription; nothing else may need it
-        self.drop(job_id)
 
     def drop(self, job_id: str) -> None:
         with self._lock:

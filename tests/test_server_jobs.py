@@ -82,6 +82,21 @@ def test_local_queue_answers_full_at_its_bound_and_frees_a_slot_when_a_job_finis
     assert asyncio.run(scenario()) == 2
 
 
+def test_local_queue_frees_the_slot_before_the_result_reaches_the_subscriber():
+    # a client that sends its next request as soon as it hears the result must find the slot free
+    async def scenario():
+        queue = LocalQueue(max_jobs=1)
+        await queue.submit(job("a"))
+        subscription = queue.subscribe("a")
+        depth_at_delivery = []
+        deliver = subscription.put
+        subscription.put = lambda event: (depth_at_delivery.append(len(queue._unfinished)), deliver(event))
+        queue.finish(queue.claim(1, 0)[0].job_id, ResultEvent(["I"], 1, 0, 4))
+        return depth_at_delivery
+
+    assert asyncio.run(scenario()) == [0]
+
+
 def test_local_queue_delivers_worker_events_to_the_subscriber():
     async def scenario():
         queue = LocalQueue(max_jobs=4)
