@@ -174,37 +174,27 @@ if triton is not None:
         M, N, K, X_ROWS, stride_xm, stride_wn, stride_om, stride_gm, stride_rm, stride_mod, eps,
         sample_ptr, cfg_ptr, cfg_img_ptr, seed_ptr, image_ptr, token_ptr, step, a, b, c,
         EPILOGUE: tl.constexpr, NORM: tl.constexpr, AFFINE: tl.constexpr, ROWS: tl.constexpr,
-        BLOCK_N: tl.constexpr, KA: tl.constexpr, KB: tl.constexpr, PDL: tl.constexpr, SLOTS: tl.constexpr,
-        IMAGES: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, SLOTS: tl.constexpr, IMAGES: tl.constexpr,
     ):  # fmt: skip
-        """few_rows_linear: a program holds BLOCK_N whole weight rows and multiplies every input row
-        (M <= ROWS) by them at once, normalizing the rows first when NORM. K is held as two
-        power-of-two parts, KA <= K columns and the KB after them (0: none; 1536 = 1024 + 512), so no
-        registers or products go to padding.
+        """few_rows_linear: a program holds BLOCK_N whole weight rows (K <= BLOCK_K) and multiplies
+        every input row (M <= ROWS) by them at once, normalizing the rows first when NORM.
 
         EPILOGUE_GUIDED_UPDATE: the rows are SLOTS guidance branches of M / SLOTS images (at most
         IMAGES) and the product their velocity v; each program then applies guided_update to its
         columns of the images' samples (sample_ptr, [images, N] float32) and writes those to out."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
         n_ok = rn < N
-        ka = tl.arange(0, KA)  # KA <= K: no mask
-        w_rows = w_ptr + rn[:, None] * stride_wn
+        k_ok = rk < K
         # the weights never depend on earlier kernels: requested before waiting for them
-        wa = tl.load(w_rows + ka[None, :], mask=n_ok[:, None], other=0.0)
-        if KB > 0:
-            kb = KA + tl.arange(0, KB)
-            kb_ok = kb < K
-            wb = tl.load(w_rows + kb[None, :], mask=n_ok[:, None] & kb_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + rn[:, None] * stride_wn + rk[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         bias = tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
         if AFFINE:
-            ln_wa = tl.load(ln_w_ptr + ka).to(tl.float32)
-            ln_ba = tl.load(ln_b_ptr + ka).to(tl.float32)
-            if KB > 0:
-                ln_wb = tl.load(ln_w_ptr + kb, mask=kb_ok, other=1.0).to(tl.float32)
-                ln_bb = tl.load(ln_b_ptr + kb, mask=kb_ok, other=0.0).to(tl.float32)
+            ln_w = tl.load(ln_w_ptr + rk, mask=k_ok, other=1.0).to(tl.float32)
+            ln_b = tl.load(ln_b_ptr + rk, mask=k_ok, other=0.0).to(tl.float32)
         rm = tl.arange(0, ROWS)
-        r_ok = (rm < M)[:, None]
-        out_mask = r_ok & n_ok[None, :]
+        row_mask = (rm[:, None] < M) & k_ok[None, :]
+        out_mask = (rm[:, None] < M) & n_ok[None, :]
         if EPILOGUE == 3:  # the samples and the step's noise ahead of the wait, as in _guided_update_kernel
             images = M // SLOTS
             im = tl.arange(0, IMAGES)
@@ -214,45 +204,20 @@ if triton is not None:
             cfg = tl.load(cfg_ptr + im, mask=im < images, other=0.0)[:, None]
             cfg_img = tl.load(cfg_img_ptr + im, mask=im < images, other=0.0)[:, None]
         await_predecessor(PDL)
-        x_rows = x_ptr + (rm % X_ROWS)[:, None] * stride_xm
-        xa = tl.load(x_rows + ka[None, :], mask=r_ok, other=0.0).to(tl.float32)
-        if KB > 0:
-            b_mask = r_ok & kb_ok[None, :]
-            xb = tl.load(x_rows + kb[None, :], mask=b_mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + (rm % X_ROWS)[:, None] * stride_xm + rk[None, :], mask=row_mask, other=0.0)
+        x = x.to(tl.float32)
         if EPILOGUE == 2:  # requested with x, not after the reduction
             gate = tl.load(gate_ptr + rm[:, None] * stride_gm + rn[None, :], mask=out_mask, other=0.0)
             res = tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=out_mask, other=0.0)
         if NORM:  # LayerNorm (affine when AFFINE) and adaLN modulate, as ln_modulate
-            mod_rows = rm[:, None] * stride_mod
-            shift_a = tl.load(shift_ptr + mod_rows + ka[None, :], mask=r_ok, other=0.0).to(tl.float32)
-            scale_a = tl.load(scale_ptr + mod_rows + ka[None, :], mask=r_ok, other=0.0).to(tl.float32)
-            total = tl.sum(xa, axis=1)
-            if KB > 0:
-                shift_b = tl.load(shift_ptr + mod_rows + kb[None, :], mask=b_mask, other=0.0).to(tl.float32)
-                scale_b = tl.load(scale_ptr + mod_rows + kb[None, :], mask=b_mask, other=0.0).to(tl.float32)
-                total += tl.sum(xb, axis=1)
-            mean = (total / K)[:, None]
-            xa = tl.where(r_ok, xa - mean, 0.0)
-            squares = tl.sum(xa * xa, axis=1)
-            if KB > 0:
-                xb = tl.where(b_mask, xb - mean, 0.0)
-                squares += tl.sum(xb * xb, axis=1)
-            std = tl.sqrt(squares / K + eps)[:, None]
-            xa = xa / std
+            shift = tl.load(shift_ptr + rm[:, None] * stride_mod + rk[None, :], mask=row_mask, other=0.0)
+            scale = tl.load(scale_ptr + rm[:, None] * stride_mod + rk[None, :], mask=row_mask, other=0.0)
+            x = _normalize(x, row_mask, K, eps, AXIS=1)
             if AFFINE:
-                xa = xa * ln_wa[None, :] + ln_ba[None, :]
-            xa = xa * (1.0 + scale_a) + shift_a
-            if KB > 0:
-                xb = xb / std
-                if AFFINE:
-                    xb = xb * ln_wb[None, :] + ln_bb[None, :]
-                xb = xb * (1.0 + scale_b) + shift_b
-        # each input rounded as the unfused kernels store it
-        xa = xa.to(w_ptr.dtype.element_ty).to(tl.float32)
-        acc = tl.sum(xa[:, None, :] * wa.to(tl.float32)[None, :, :], axis=2) + bias[None, :]
-        if KB > 0:
-            xb = xb.to(w_ptr.dtype.element_ty).to(tl.float32)
-            acc += tl.sum(xb[:, None, :] * wb.to(tl.float32)[None, :, :], axis=2)
+                x = x * ln_w[None, :] + ln_b[None, :]
+            x = x * (1.0 + scale.to(tl.float32)) + shift.to(tl.float32)
+        x = x.to(w_ptr.dtype.element_ty).to(tl.float32)  # rounded as the unfused kernels store it
+        acc = tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2) + bias[None, :]
         if EPILOGUE == 1:
             acc = acc / (1.0 + tl.exp(-acc))
         if EPILOGUE == 2:
@@ -441,8 +406,6 @@ def _launch_few_rows(x, weight, bias, out, epilogue, gate, res, m, norm, update)
     affine = ln_weight is not None
     no_update = (out,) * 6 + (0, 0.0, 0.0, 0.0, 1)
     sample, cfg, cfg_img, seed, image, token, step, a, b, c, slots = update or no_update
-    k_a = 1 << (k.bit_length() - 1)  # K as two power-of-two parts, the second padded if need be
-    k_b = triton.next_power_of_2(k - k_a) if k > k_a else 0
     pdl = _pdl(x)
     block_n, warps = FEW_ROWS_TILE
     _few_rows_kernel[(triton.cdiv(n, block_n),)](
@@ -450,7 +413,7 @@ def _launch_few_rows(x, weight, bias, out, epilogue, gate, res, m, norm, update)
         m, n, k, x_rows, x.stride(0), weight.stride(0), out.stride(0), gate.stride(0), res.stride(0),
         shift.stride(0), LN_EPS, sample, cfg, cfg_img, seed, image, token, step, float(a), float(b), float(c),
         EPILOGUE=epilogue, NORM=norm is not None, AFFINE=affine, ROWS=triton.next_power_of_2(m),
-        BLOCK_N=block_n, KA=k_a, KB=k_b, PDL=pdl, SLOTS=slots,
+        BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k), PDL=pdl, SLOTS=slots,
         IMAGES=triton.next_power_of_2(max(1, m // slots)), num_warps=warps, launch_pdl=pdl,
     )  # fmt: skip
 
