@@ -1,0 +1,79 @@
+"""Registers and stack (spills) of the head's few-rows kernels for an H100/H200, without a GPU.
+
+    python -m bench.kernel_resources            # any machine with triton's CUDA backend
+
+Compiles kernels.fused_head._few_rows_kernel for sm_90 with the installed Triton and reads the
+cubin's resource usage with the cuobjdump Triton ships. Few-rows kernels run as programmatic
+dependents: the registers a program holds decide how many of the next kernel's programs fit beside
+it, so how much of their weight streaming overlaps (bench/RESULTS.md, session 15). The installed
+Triton may differ from the GPU machine's, so compare configurations, not absolute counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+from kernels import fused_head
+
+POINTERS = {"sample_ptr": "*fp32", "cfg_ptr": "*fp32", "cfg_img_ptr": "*fp32", "seed_ptr": "*i64",
+            "image_ptr": "*i64", "token_ptr": "*i64"}  # fmt: skip
+FLOATS = {"eps", "a", "b", "c"}
+# (name, epilogue, norm, affine, slots, K): the head's few-rows launches at its real width
+LAUNCHES = [
+    ("input projection", fused_head.EPILOGUE_BIAS, False, False, 1, 64),
+    ("LayerNorm + product + SiLU", fused_head.EPILOGUE_BIAS_SILU, True, True, 1, 1536),
+    ("product + gated residual", fused_head.EPILOGUE_GATED_RESIDUAL, False, False, 1, 1536),
+    ("final layer + guided update", fused_head.EPILOGUE_GUIDED_UPDATE, True, False, 2, 1536),
+]
+
+
+def resources(kernel, constexprs: dict, num_warps: int) -> dict:
+    """{'REG': .., 'STACK': .., ...} of kernel compiled for sm_90 (bf16 tensors, int32 scalars)."""
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = POINTERS.get(name, "*bf16")
+        else:
+            signature[name] = "fp32" if name in FLOATS else "i32"
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    try:
+        report = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
+    finally:
+        os.unlink(f.name)
+    return {key: int(value) for key, value in re.findall(r"(\w+):(\d+)", report.stdout.split("Function")[-1])}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--tiles", nargs="+", default=["x".join(map(str, fused_head.FEW_ROWS_TILE))],
+                   help="weight rows x warps per program, e.g. 8x4 8x8")  # fmt: skip
+    args = p.parse_args()
+    for tile in args.tiles:
+        block_n, warps = (int(v) for v in tile.split("x"))
+        for rows in args.rows:
+            for name, epilogue, norm, affine, slots, k in LAUNCHES:
+                constexprs = {
+                    "EPILOGUE": epilogue, "NORM": norm, "AFFINE": affine, "ROWS": triton.next_power_of_2(rows),
+                    "BLOCK_N": block_n, "BLOCK_K": triton.next_power_of_2(k), "PDL": True, "SLOTS": slots,
+                    "IMAGES": triton.next_power_of_2(max(1, rows // slots)),
+                }  # fmt: skip
+                used = resources(fused_head._few_rows_kernel, constexprs, warps)
+                print(f"tile {tile} rows {rows} {name:28}: {used['REG']:3d} registers, {used['STACK']:4d} B stack")
+
+
+if __name__ == "__main__":
+    main()
