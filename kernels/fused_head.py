@@ -243,7 +243,7 @@ if triton is not None:
     @triton.jit
     def _token_noise_columns(seed_ptr, image_ptr, token_ptr, im, images, cols, step):
         """model.noise.token_noise of images im (< images) at step, columns cols: [len(im), len(cols)].
-        Column 4j + m is normal m of philox counter j, as _guided_update_kernel draws a whole row."""
+        Column 4j + m is normal m of philox counter j, as model.noise.philox_normal4 lays them out."""
         ok = im < images
         zero = ((im[:, None] + cols[None, :]) * 0).to(tl.uint32)  # broadcasts every counter to the tile
         seed = tl.load(seed_ptr + im, mask=ok, other=0)[:, None] + zero.to(tl.int64)
@@ -287,19 +287,9 @@ if triton is not None:
         SLOTS: tl.constexpr, HAS_V: tl.constexpr, DIM: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0)
-        # the row's DIM numbers as a [DIM/4, 4] tile: element 4j+m is normal m of philox counter j
-        j = tl.arange(0, DIM // 4)
-        m = tl.arange(0, 4)
-        offs = j[:, None] * 4 + m[None, :]
-        seed = tl.load(seed_ptr + row)
-        token = (tl.load(token_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
-        image = (tl.load(image_ptr + row) & 0xFFFFFFFF).to(tl.uint32)
-        c0 = j.to(tl.uint32)
-        i0, i1, i2, i3 = tl.philox(seed, c0, token + c0 * 0, (step + c0 * 0).to(tl.uint32), image + c0 * 0)
-        n0, n1 = pair_uniform_to_normal(uint_to_uniform_float(i0), uint_to_uniform_float(i1))
-        n2, n3 = pair_uniform_to_normal(uint_to_uniform_float(i2), uint_to_uniform_float(i3))
-        z = tl.where(m[None, :] == 0, n0[:, None], tl.where(m[None, :] == 1, n1[:, None],
-                     tl.where(m[None, :] == 2, n2[:, None], n3[:, None])))  # fmt: skip
+        cols = tl.arange(0, DIM)
+        offs = cols[None, :]  # the row as a [1, DIM] tile
+        z = _token_noise_columns(seed_ptr, image_ptr, token_ptr, row + tl.arange(0, 1), B, cols, step)
         if HAS_V:
             # All but v comes from earlier launches (x: the previous update; complete before this one
             # launched, see await_predecessor) and is read before the wait, while the noise is drawn:
@@ -370,12 +360,10 @@ def few_rows_linear(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residual
     cores). The LayerNorm of norm runs inside, so a residual block is two kernels, not three."""
     if not runs_triton(x, use_triton):
         return few_rows_linear_reference(x, weight, bias, epilogue, gate, residual, rows, norm)
-    x_rows, k = x.shape
-    m = rows or x_rows
-    n = weight.shape[0]
+    m = rows or x.shape[0]
     if m > FEW_ROWS:
         raise ValueError(f"few_rows_linear takes at most {FEW_ROWS} rows, got {m}")
-    out = torch.empty(m, n, device=x.device, dtype=weight.dtype)
+    out = torch.empty(m, weight.shape[0], device=x.device, dtype=weight.dtype)
     gate_t = gate if gate is not None else out
     res_t = residual if residual is not None else out
     _launch_few_rows(x, weight, bias, out, epilogue, gate_t, res_t, m, norm, None)
