@@ -25,6 +25,9 @@ from kernels import fused_head
 POINTERS = {"sample_ptr": "*fp32", "cfg_ptr": "*fp32", "cfg_img_ptr": "*fp32", "seed_ptr": "*i64",
             "image_ptr": "*i64", "token_ptr": "*i64"}  # fmt: skip
 FLOATS = {"eps", "a", "b", "c"}
+# integers the head's launches pass as multiples of 16 (Triton's launcher marks those divisible, as
+# it does 16-byte-aligned pointers: without the mark no load is vectorized)
+DIVISIBLE = {"N", "K", "stride_xm", "stride_wn", "stride_om", "stride_gm", "stride_rm", "stride_mod"}
 # (name, epilogue, norm, affine, slots, K): the head's few-rows launches at its real width
 LAUNCHES = [
     ("input projection", fused_head.EPILOGUE_BIAS, False, False, 1, 64),
@@ -34,18 +37,27 @@ LAUNCHES = [
 ]
 
 
-def resources(kernel, constexprs: dict, num_warps: int) -> dict:
-    """{'REG': .., 'STACK': .., ...} of kernel compiled for sm_90 (bf16 tensors, int32 scalars)."""
-    signature = {}
-    for name in kernel.arg_names:
+def compile_for_sm90(kernel, constexprs: dict, num_warps: int):
+    """kernel compiled for sm_90 as the head launches it: bf16 tensors, int32 scalars, pointers and
+    DIVISIBLE integers marked multiples of 16."""
+    signature, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
+            continue
+        if name.endswith("_ptr") or name in DIVISIBLE:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        if name.endswith("_ptr"):
             signature[name] = POINTERS.get(name, "*bf16")
         else:
             signature[name] = "fp32" if name in FLOATS else "i32"
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def resources(compiled) -> dict:
+    """{'REG': .., 'STACK': .., ...} from the cubin, plus from the PTX the barriers ('BAR': each
+    cross-warp reduction or layout change waits at one) and global loads by width."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(compiled.asm["cubin"])
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -53,7 +65,12 @@ def resources(kernel, constexprs: dict, num_warps: int) -> dict:
         report = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
     finally:
         os.unlink(f.name)
-    return {key: int(value) for key, value in re.findall(r"(\w+):(\d+)", report.stdout.split("Function")[-1])}
+    used = {key: int(value) for key, value in re.findall(r"(\w+):(\d+)", report.stdout.split("Function")[-1])}
+    ptx = compiled.asm["ptx"]
+    used["BAR"] = len(re.findall(r"\bbar\.sync|\bbarrier\.sync", ptx))
+    loads = re.findall(r"ld\.global[.\w]*?\.(v[24])?\.?[bfsu](\d+)", ptx)
+    used["LOADS"] = {f"{v or 'v1'}.b{bits}": sum(1 for x in loads if x == (v, bits)) for v, bits in sorted(set(loads))}
+    return used
 
 
 def main() -> None:
@@ -71,8 +88,9 @@ def main() -> None:
                     "BLOCK_N": block_n, "BLOCK_K": triton.next_power_of_2(k), "PDL": True, "SLOTS": slots,
                     "IMAGES": triton.next_power_of_2(max(1, rows // slots)),
                 }  # fmt: skip
-                used = resources(fused_head._few_rows_kernel, constexprs, warps)
-                print(f"tile {tile} rows {rows} {name:28}: {used['REG']:3d} registers, {used['STACK']:4d} B stack")
+                used = resources(compile_for_sm90(fused_head._few_rows_kernel, constexprs, warps))
+                print(f"tile {tile} rows {rows} {name:28}: {used['REG']:3d} registers, {used['STACK']:4d} B stack, "
+                      f"{used['BAR']:2d} barriers, global loads {used['LOADS']}")  # fmt: skip
 
 
 if __name__ == "__main__":
