@@ -1,13 +1,13 @@
-"""Registers and stack (spills) of the head's few-rows kernels for an H100/H200, without a GPU.
+"""Registers, stack (spills) and barriers of the head's few-rows kernels for an H100/H200, without a GPU.
 
     python -m bench.kernel_resources            # any machine with triton's CUDA backend
 
 Compiles kernels.fused_head._few_rows_kernel for sm_90 with the installed Triton and reads the
-cubin's resource usage with the cuobjdump Triton ships. Few-rows kernels run as programmatic
-dependents: the registers a program holds decide how many of the next kernel's programs fit beside
-it, so how much of their weight streaming overlaps (bench/RESULTS.md, session 15). The installed
-Triton may differ from the GPU machine's, so compare configurations, not absolute counts.
-"""
+cubin's resource usage with the cuobjdump Triton ships, and from the PTX the `bar.sync` barriers and
+the global loads by width. Few-rows kernels are one dependent chain: each barrier after the wait
+(a reduction across warps or a layout change through shared memory) is on it, ~0.3 us each on an
+H100 (bench/RESULTS.md, session 16). The installed Triton may differ from the GPU machine's, so
+compare configurations, not absolute counts."""
 
 from __future__ import annotations
 
