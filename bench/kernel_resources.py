@@ -5,7 +5,7 @@
 Compiles kernels.fused_head._few_rows_kernel for sm_90 with the installed Triton and reads the
 cubin's resource usage with the cuobjdump Triton ships, and from the PTX the `bar.sync` barriers and
 the global loads by width. Few-rows kernels are one dependent chain: each barrier after the wait
-(a reduction across warps or a layout change through shared memory) is on it, ~0.3 us each on an
+(a reduction across warps or a layout change through shared memory) is on it, ~0.08 us each on an
 H100 (bench/RESULTS.md, session 16). The installed Triton may differ from the GPU machine's, so
 compare configurations, not absolute counts."""
 
