@@ -519,26 +519,21 @@ class FusedHead:
         update runs in the final layer's epilogue, one launch fewer."""
         use = self.use_triton
         if _few_rows(mod.shape[0]) and not rescale and runs_triton(x, use):
-            shift, scale = self._modulation(mod, len(self.net.res_blocks))[:2]
-            final = self.net.final_layer.linear
-            h = self._blocks_few_rows(x, mod)
             cfg, cfg_img, _ = scales
             return few_rows_final_update(
-                h, final.weight, final.bias, (shift, scale, None, None), x, slots, cfg, cfg_img, *counters, step,
-                a, b, c, use_triton=use,
-            )  # fmt: skip
+                *self._final_layer_few_rows(x, mod), x, slots, cfg, cfg_img, *counters, step, a, b, c, use_triton=use
+            )
         v = self.velocity(x, mod).view(slots, x.shape[0], -1)
         return guided_update(v, x, *scales, *counters, step, a, b, c, use_triton=use)
 
     def _velocity_few_rows(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """velocity() as few_rows_linear kernels: two per residual block, each LayerNorm inside."""
-        shift, scale = self._modulation(mod, len(self.net.res_blocks))[:2]
-        final = self.net.final_layer.linear
-        h = self._blocks_few_rows(x, mod)
-        return few_rows_linear(h, final.weight, final.bias, norm=(shift, scale, None, None), use_triton=self.use_triton)
+        h, weight, bias, norm = self._final_layer_few_rows(x, mod)
+        return few_rows_linear(h, weight, bias, norm=norm, use_triton=self.use_triton)
 
-    def _blocks_few_rows(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
-        """The input projection and residual blocks as few_rows_linear kernels -> h before the final layer."""
+    def _final_layer_few_rows(self, x: torch.Tensor, mod: torch.Tensor) -> tuple:
+        """The input projection and residual blocks as few_rows_linear kernels -> the final layer's
+        input h, weight, bias and norm (its LayerNorm + modulate, for few_rows_linear's norm)."""
         net, use = self.net, self.use_triton
         h = few_rows_linear(x, net.input_proj.weight, net.input_proj.bias, rows=mod.shape[0], use_triton=use)
         for j, block in enumerate(net.res_blocks):
@@ -547,7 +542,9 @@ class FusedHead:
             norm = (shift, scale, block.in_ln.weight, block.in_ln.bias)
             u = few_rows_linear(h, first.weight, first.bias, EPILOGUE_BIAS_SILU, norm=norm, use_triton=use)
             h = few_rows_linear(u, second.weight, second.bias, EPILOGUE_GATED_RESIDUAL, gate, h, use_triton=use)
-        return h
+        shift, scale = self._modulation(mod, len(net.res_blocks))[:2]
+        final = net.final_layer.linear
+        return h, final.weight, final.bias, (shift, scale, None, None)
 
     def _blocks_on_triton(self, h: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
         """The residual blocks with SiLU and the gated residual in the GEMMs' epilogues; returns the

@@ -210,9 +210,7 @@ def test_sampling_step_with_the_update_in_the_final_layer_matches_velocity_then_
         got = fused.sampling_step(x, mod, slots, scales, counters, 5, 0.9, 0.3, 0.5, rescale=False)
         v = fused.velocity(x, mod).view(slots, images, -1)
         want = guided_update(v, x, *scales, *counters, 5, 0.9, 0.3, 0.5, use_triton=True)
-        shift, scale = fused._modulation(mod, 2)[:2]
-        final = head.net.final_layer.linear
-        args = (fused._blocks_few_rows(x, mod), final.weight, final.bias, (shift, scale, None, None), x, slots)
+        args = (*fused._final_layer_few_rows(x, mod), x, slots)
         reference = few_rows_final_update(*args, *scales[:2], *counters, 5, 0.9, 0.3, 0.5, use_triton=False)
         monkeypatch.setattr(fused_head, "FEW_ROWS", 0)  # the same step with a separate update kernel
         separate = fused.sampling_step(x, mod, slots, scales, counters, 5, 0.9, 0.3, 0.5, rescale=False)
