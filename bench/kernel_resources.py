@@ -16,6 +16,7 @@ import os
 import re
 import subprocess
 import tempfile
+from collections import Counter
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -69,7 +70,7 @@ def resources(compiled) -> dict:
     ptx = compiled.asm["ptx"]
     used["BAR"] = len(re.findall(r"\bbar\.sync|\bbarrier\.sync", ptx))
     loads = re.findall(r"ld\.global[.\w]*?\.(v[24])?\.?[bfsu](\d+)", ptx)
-    used["LOADS"] = {f"{v or 'v1'}.b{bits}": sum(1 for x in loads if x == (v, bits)) for v, bits in sorted(set(loads))}
+    used["LOADS"] = dict(sorted(Counter(f"{v or 'v1'}.b{bits}" for v, bits in loads).items()))
     return used
 
 
