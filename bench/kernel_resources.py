@@ -4,10 +4,10 @@
 
 Compiles kernels.fused_head._few_rows_kernel for sm_90 with the installed Triton and reads the
 cubin's resource usage with the cuobjdump Triton ships, and from the PTX the `bar.sync` barriers and
-the global loads by width. Few-rows kernels are one dependent chain: each barrier after the wait
-(a reduction across warps or a layout change through shared memory) is on it, ~0.08 us each on an
-H100 (bench/RESULTS.md, session 16). The installed Triton may differ from the GPU machine's, so
-compare configurations, not absolute counts."""
+the global loads by width. Few-rows kernels are one dependent chain, and registers decide how much
+of the next kernel's weight streaming fits beside the running one: on an H100, 168 -> 242 registers
+cost more than 29 -> 9 barriers saved (bench/RESULTS.md, sessions 16 and 19). The installed Triton
+may differ from the GPU machine's, so compare configurations, not absolute counts."""
 
 from __future__ import annotations
 
