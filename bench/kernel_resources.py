@@ -4,10 +4,10 @@
 
 Compiles kernels.fused_head._few_rows_kernel for sm_90 with the installed Triton and reads the
 cubin's resource usage with the cuobjdump Triton ships, and from the PTX the `bar.sync` barriers and
-the global loads by width. Few-rows kernels are one dependent chain, and registers decide how much
-of the next kernel's weight streaming fits beside the running one: on an H100, 168 -> 242 registers
-cost more than 29 -> 9 barriers saved (bench/RESULTS.md, sessions 16 and 19). The installed Triton
-may differ from the GPU machine's, so compare configurations, not absolute counts."""
+the global loads by width. Few-rows kernels are one dependent chain, and registers likely decide how
+much of the next kernel's weight streaming fits beside the running one: on an H100 a version with
+29 -> 9 barriers but 168 -> 242 registers was slower (bench/RESULTS.md, sessions 16 and 19). The
+installed Triton may differ from the GPU machine's, so compare configurations, not absolute counts."""
 
 from __future__ import annotations
 
