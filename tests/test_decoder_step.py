@@ -11,7 +11,9 @@ from kernels.decoder_step import (
     rope_write_kv_reference,
     silu_mul,
     silu_mul_reference,
+    stream_linear,
 )
+from kernels import decoder_step
 from model.decoder import RMSNorm
 from model.rope import RotaryEmbedding
 from tests.test_fused_head import rel
@@ -54,6 +56,25 @@ def test_rope_write_kv_is_bit_identical_to_the_model_rotary_and_cache_write(dtyp
 def test_silu_mul_matches_reference(dtype, tol):
     gate, up = torch.randn(3, 2500).to(dtype), torch.randn(3, 2500).to(dtype)
     assert rel(silu_mul(gate, up, use_triton=True), silu_mul_reference(gate, up)) < tol
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_stream_linear_matches_a_float64_product(monkeypatch, rows, with_bias):
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_MAX_ROWS", 4)
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_TILE", (16, 32, 4, 2))
+    # float16: the interpreter multiplies bfloat16 tiles wrongly (test_paged_attention says why)
+    x, weight = torch.randn(rows, 100).half(), torch.randn(40, 100).half()  # ragged N and K tiles
+    bias = torch.randn(40).half() if with_bias else None
+    want = x.double() @ weight.double().T + (bias.double() if with_bias else 0)
+    got = stream_linear(x, weight, bias, use_triton=True)
+    assert got.dtype == torch.float16 and rel(got.double(), want) < 1e-3
+
+
+def test_stream_linear_leaves_more_rows_and_float32_to_torch(monkeypatch):
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_MAX_ROWS", 4)
+    for x, weight in [(torch.randn(5, 64).bfloat16(), torch.randn(32, 64).bfloat16()), (torch.randn(2, 64), torch.randn(32, 64))]:
+        assert torch.equal(stream_linear(x, weight, use_triton=True), torch.nn.functional.linear(x, weight))
 
 
 def test_engine_with_fused_backbone_matches_the_reference_generator():
