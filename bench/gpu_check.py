@@ -20,6 +20,7 @@ from dataclasses import replace
 
 import torch
 
+from bench.settings import apply_settings, parse_settings
 from kernels.paged_attention import BACKENDS, paged_attention
 from model.bundle import load_bundle
 from model.reference import GenerationRequest
@@ -220,8 +221,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json")
     p.add_argument("--skip", nargs="*", default=[], choices=["attention", "decoder_step", "parity", "decode_sweep"])
+    p.add_argument("--setting", action="append", default=[], metavar="MODULE.NAME=VALUE,...",
+                   help="kernels settings for this run, e.g. decoder_step.STREAM_LINEAR_MAX_ROWS=16")  # fmt: skip
     args = p.parse_args()
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    for text in args.setting:
+        apply_settings(parse_settings(text))
+    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "settings": args.setting}
     started = time.time()
     checks = (
         ("attention", check_attention),

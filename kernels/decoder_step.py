@@ -6,8 +6,8 @@ decode step on an H200. Here each piece is one kernel:
 - add_rms_norm: the residual add and the next RMSNorm,
 - rope_write_kv: rotary embedding of q and k, k and v stored in the paged cache,
 - silu_mul: the MLP's SiLU(gate) * up,
-- stream_linear: a few rows' projection as a Triton weight stream that can launch as a dependent
-  and ask for its first weights while the glue before it runs (cuBLAS launches cannot).
+- stream_linear: a few rows' projection as a Triton weight stream that launches as a dependent, so
+  it starts while the kernel before it finishes (cuBLAS launches cannot).
 Each rounds to the model's dtype where the eager code does, so the residual add, the rotary
 embedding and the cache write are bit-identical to it; the norm and SiLU may differ in the last
 bit (reduction order, exp). The references are the model's own modules and functions.
@@ -32,8 +32,10 @@ except ImportError:  # the references still work without triton
 # launch the kernels as programmatic dependents of the previous kernel (Hopper), see dispatch.py
 PDL = True
 STREAM_LINEAR_MAX_ROWS = 0  # products of at most this many rows take stream_linear (0: cuBLAS always)
-STREAM_LINEAR_TILE = (16, 256, 4, 4)  # weight rows per program, K per iteration, warps, stages
-STREAM_LINEAR_PREFETCH = 0  # bytes of each weight row asked into L2 before the wait (sm90; 0: none)
+STREAM_LINEAR_TILE = (64, 128, 4, 4)  # weight rows per program, K per iteration, warps, stages
+STREAM_LINEAR_NARROW_TILE = (64, 128, 4, 4)  # the same for outputs narrower than STREAM_LINEAR_NARROW
+STREAM_LINEAR_NARROW = 8192  # (the hidden size's outputs: fewer programs, so maybe smaller tiles)
+STREAM_LINEAR_EARLY = False  # load the first weight tile before waiting for the previous kernel
 
 # ---------------------------------------------------------------------------------------------
 # torch references
@@ -147,7 +149,7 @@ if triton is not None:
     def _stream_linear_kernel(
         x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
         HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PREFETCH: tl.constexpr, PDL: tl.constexpr,
+        EARLY: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """out[:M, n-block] = x @ w[n-block].T (+ bias): the weight block is the dot's left operand and
         the rows, padded to ROWS >= 16 with zeros, its right one, so the tensor cores take any M."""
@@ -155,17 +157,19 @@ if triton is not None:
         rm = tl.arange(0, ROWS)
         rk = tl.arange(0, BLOCK_K)
         n_ok = rn < N
-        if PREFETCH > 0:  # weights do not depend on the previous kernel: start their stream now
-            tl.inline_asm_elementwise(
-                f"cp.async.bulk.prefetch.L2.global [$1], {PREFETCH}; mov.u32 $0, 0;",
-                "=r,l", [w_ptr + tl.minimum(rn, N - 1).to(tl.int64) * stride_wn], dtype=tl.int32, is_pure=False, pack=1,
-            )  # fmt: skip
+        w_rows = w_ptr + rn[:, None] * stride_wn
+        x_cols = x_ptr + rm[None, :] * stride_xm
+        if EARLY:  # weights do not depend on the previous kernel: request the first tile before waiting
+            first = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & (rk[None, :] < K), other=0.0)
         await_predecessor(PDL)
         acc = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
+        if EARLY:
+            xt = tl.load(x_cols + rk[:, None], mask=(rm[None, :] < M) & (rk[:, None] < K), other=0.0)
+            acc = tl.dot(first, xt.to(first.dtype), acc)
+        for k in range(BLOCK_K if EARLY else 0, K, BLOCK_K):
             kk = k + rk
-            w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_ok[:, None] & (kk[None, :] < K), other=0.0)
-            xt = tl.load(x_ptr + rm[None, :] * stride_xm + kk[:, None], mask=(rm[None, :] < M) & (kk[:, None] < K), other=0.0)
+            w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & (kk[None, :] < K), other=0.0)
+            xt = tl.load(x_cols + kk[:, None], mask=(rm[None, :] < M) & (kk[:, None] < K), other=0.0)
             acc = tl.dot(w, xt.to(w.dtype), acc)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
@@ -231,11 +235,11 @@ def stream_linear(x, weight, bias=None, use_triton=None):
         return stream_linear_reference(x, weight, bias)
     n, k = weight.shape
     out = torch.empty(m, n, device=x.device, dtype=weight.dtype)
-    block_n, block_k, warps, stages = STREAM_LINEAR_TILE
+    block_n, block_k, warps, stages = STREAM_LINEAR_NARROW_TILE if n < STREAM_LINEAR_NARROW else STREAM_LINEAR_TILE
     launch = _pdl_launch(x)
     _stream_linear_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, ROWS=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
-        PREFETCH=min(STREAM_LINEAR_PREFETCH, k * weight.element_size()) // 16 * 16 if launch["PDL"] else 0, num_warps=warps, num_stages=stages, **launch,
+        EARLY=STREAM_LINEAR_EARLY, num_warps=warps, num_stages=stages, **launch,
     )  # fmt: skip
     return out

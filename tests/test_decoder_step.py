@@ -4,6 +4,7 @@ modules, and the engine with them against the reference generator."""
 import pytest
 import torch
 
+from kernels import decoder_step
 from kernels.decoder_step import (
     add_rms_norm,
     add_rms_norm_reference,
@@ -13,7 +14,6 @@ from kernels.decoder_step import (
     silu_mul_reference,
     stream_linear,
 )
-from kernels import decoder_step
 from model.decoder import RMSNorm
 from model.rope import RotaryEmbedding
 from tests.test_fused_head import rel
@@ -60,9 +60,12 @@ def test_silu_mul_matches_reference(dtype, tol):
 
 @pytest.mark.parametrize("rows", [1, 2, 4])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_stream_linear_matches_a_float64_product(monkeypatch, rows, with_bias):
+@pytest.mark.parametrize("early", [True, False])
+def test_stream_linear_matches_a_float64_product(monkeypatch, rows, with_bias, early):
     monkeypatch.setattr(decoder_step, "STREAM_LINEAR_MAX_ROWS", 4)
     monkeypatch.setattr(decoder_step, "STREAM_LINEAR_TILE", (16, 32, 4, 2))
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_NARROW", 0)  # N=40 takes STREAM_LINEAR_TILE
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_EARLY", early)
     # float16: the interpreter multiplies bfloat16 tiles wrongly (test_paged_attention says why)
     x, weight = torch.randn(rows, 100).half(), torch.randn(40, 100).half()  # ragged N and K tiles
     bias = torch.randn(40).half() if with_bias else None
