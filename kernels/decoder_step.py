@@ -7,7 +7,8 @@ decode step on an H200. Here each piece is one kernel:
 - rope_write_kv: rotary embedding of q and k, k and v stored in the paged cache,
 - silu_mul: the MLP's SiLU(gate) * up,
 - stream_linear: a few rows' projection as a Triton weight stream that launches as a dependent, so
-  it starts while the kernel before it finishes (cuBLAS launches cannot).
+  it starts while the kernel before it finishes (cuBLAS launches cannot); for the MLP's gate and up
+  product with silu_mul in its epilogue.
 Each rounds to the model's dtype where the eager code does, so the residual add, the rotary
 embedding and the cache write are bit-identical to it; the norm and SiLU may differ in the last
 bit (reduction order, exp). The references are the model's own modules and functions.
@@ -36,6 +37,7 @@ STREAM_LINEAR_TILE = (64, 128, 4, 4)  # weight rows per program, K per iteration
 STREAM_LINEAR_NARROW_TILE = (64, 128, 4, 4)  # the same for outputs narrower than STREAM_LINEAR_NARROW
 STREAM_LINEAR_NARROW = 8192  # (the hidden size's outputs: fewer programs, so maybe smaller tiles)
 STREAM_LINEAR_EARLY = False  # load the first weight tile before waiting for the previous kernel
+STREAM_LINEAR_FOLD_SILU = True  # the MLP's SiLU(gate) * up in the gate/up product's epilogue
 
 # ---------------------------------------------------------------------------------------------
 # torch references
@@ -146,35 +148,58 @@ if triton is not None:
 
 
     @triton.jit
-    def _stream_linear_kernel(
-        x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-        HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        EARLY: tl.constexpr, PDL: tl.constexpr,
-    ):  # fmt: skip
-        """out[:M, n-block] = x @ w[n-block].T (+ bias): the weight block is the dot's left operand and
-        the rows, padded to ROWS >= 16 with zeros, its right one, so the tensor cores take any M."""
-        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm = tl.arange(0, ROWS)
+    def _weight_tile(w_rows, n_ok, kk, K):
+        return tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & (kk[None, :] < K), other=0.0)
+
+    @triton.jit
+    def _stream_product(w_rows, x_cols, n_ok, rm, M, K, first, EARLY: tl.constexpr, BLOCK_K: tl.constexpr):
+        """[BLOCK_N, ROWS] float32 products of the weight rows with the (zero-padded) rows of x; with
+        EARLY, `first` is the weight tile at K offset 0, already loaded."""
         rk = tl.arange(0, BLOCK_K)
-        n_ok = rn < N
-        w_rows = w_ptr + rn[:, None] * stride_wn
-        x_cols = x_ptr + rm[None, :] * stride_xm
-        if EARLY:  # weights do not depend on the previous kernel: request the first tile before waiting
-            first = tl.load(w_rows + rk[None, :], mask=n_ok[:, None] & (rk[None, :] < K), other=0.0)
-        await_predecessor(PDL)
-        acc = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+        acc = tl.zeros([w_rows.shape[0], x_cols.shape[1]], dtype=tl.float32)
         if EARLY:
             xt = tl.load(x_cols + rk[:, None], mask=(rm[None, :] < M) & (rk[:, None] < K), other=0.0)
             acc = tl.dot(first, xt.to(first.dtype), acc)
         for k in range(BLOCK_K if EARLY else 0, K, BLOCK_K):
             kk = k + rk
-            w = tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & (kk[None, :] < K), other=0.0)
+            w = _weight_tile(w_rows, n_ok, kk, K)
             xt = tl.load(x_cols + kk[:, None], mask=(rm[None, :] < M) & (kk[:, None] < K), other=0.0)
             acc = tl.dot(w, xt.to(w.dtype), acc)
+        return acc
+
+    @triton.jit
+    def _stream_linear_kernel(
+        x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+        HAS_BIAS: tl.constexpr, GLU: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
+        """out[:M, n-block] = x @ w[n-block].T (+ bias): the weight block is the dot's left operand and
+        the rows, padded to ROWS >= 16 with zeros, its right one, so the tensor cores take any M.
+        GLU: w holds 2N rows, gate then up, and out = SiLU(gate) * up rounded as silu_mul does."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, ROWS)
+        n_ok = rn < N
+        w_rows = w_ptr + rn[:, None] * stride_wn
+        up_rows = w_rows + N * stride_wn
+        x_cols = x_ptr + rm[None, :] * stride_xm
+        first, first_up = w_rows, up_rows  # unused unless EARLY
+        if EARLY:  # weights do not depend on the previous kernel: request the first tiles before waiting
+            first = _weight_tile(w_rows, n_ok, tl.arange(0, BLOCK_K), K)
+            if GLU:
+                first_up = _weight_tile(up_rows, n_ok, tl.arange(0, BLOCK_K), K)
+        await_predecessor(PDL)
+        acc = _stream_product(w_rows, x_cols, n_ok, rm, M, K, first, EARLY, BLOCK_K)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + rm[None, :] * stride_om + rn[:, None], acc.to(out_ptr.dtype.element_ty),
-                 mask=n_ok[:, None] & (rm[None, :] < M))  # fmt: skip
+        if GLU:
+            up = _stream_product(up_rows, x_cols, n_ok, rm, M, K, first_up, EARLY, BLOCK_K)
+            if HAS_BIAS:
+                up += tl.load(b_ptr + N + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            gate = _round_to(acc, out_ptr.dtype.element_ty)
+            silu = _round_to(gate / (1.0 + tl.exp(-gate)), out_ptr.dtype.element_ty)
+            acc = _round_to(silu * _round_to(up, out_ptr.dtype.element_ty), out_ptr.dtype.element_ty)
+        out = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + rm[None, :] * stride_om + rn[:, None], out, mask=n_ok[:, None] & (rm[None, :] < M))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,20 +251,35 @@ def silu_mul(gate, up, use_triton=None):
     return out
 
 
+def _stream_eligible(x, weight, use_triton) -> bool:
+    half = weight.dtype in (torch.bfloat16, torch.float16)  # float32 would take the dot's tf32 rounding
+    return runs_triton(x, use_triton) and half and 0 < x.shape[0] <= STREAM_LINEAR_MAX_ROWS
+
+
+def _launch_stream_linear(x, weight, bias, n, glu):
+    m, k = x.shape
+    out = torch.empty(m, n, device=x.device, dtype=weight.dtype)
+    block_n, block_k, warps, stages = STREAM_LINEAR_NARROW_TILE if n < STREAM_LINEAR_NARROW else STREAM_LINEAR_TILE
+    _stream_linear_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, GLU=glu, ROWS=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n,
+        BLOCK_K=block_k, EARLY=STREAM_LINEAR_EARLY, num_warps=warps, num_stages=stages, **_pdl_launch(x),
+    )  # fmt: skip
+    return out
+
+
 def stream_linear(x, weight, bias=None, use_triton=None):
     """F.linear for at most STREAM_LINEAR_MAX_ROWS rows of 16-bit floats (cuBLAS above, for float32, or
     when it is 0); x [M, K] with unit stride in K, weight [N, K] contiguous."""
-    m = x.shape[0]
-    half = weight.dtype in (torch.bfloat16, torch.float16)  # float32 would take the dot's tf32 rounding
-    if not runs_triton(x, use_triton) or not half or not 0 < m <= STREAM_LINEAR_MAX_ROWS:
+    if not _stream_eligible(x, weight, use_triton):
         return stream_linear_reference(x, weight, bias)
-    n, k = weight.shape
-    out = torch.empty(m, n, device=x.device, dtype=weight.dtype)
-    block_n, block_k, warps, stages = STREAM_LINEAR_NARROW_TILE if n < STREAM_LINEAR_NARROW else STREAM_LINEAR_TILE
-    launch = _pdl_launch(x)
-    _stream_linear_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, ROWS=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
-        EARLY=STREAM_LINEAR_EARLY, num_warps=warps, num_stages=stages, **launch,
-    )  # fmt: skip
-    return out
+    return _launch_stream_linear(x, weight, bias, weight.shape[0], glu=False)
+
+
+def stream_linear_silu_mul(x, weight, bias=None, use_triton=None):
+    """silu_mul of the two halves (gate, up) of F.linear(x, weight, bias), the product and the SiLU in
+    one kernel when stream_linear takes x (and STREAM_LINEAR_FOLD_SILU)."""
+    if not (STREAM_LINEAR_FOLD_SILU and _stream_eligible(x, weight, use_triton)):
+        gate, up = stream_linear(x, weight, bias, use_triton=use_triton).chunk(2, dim=1)
+        return silu_mul(gate, up, use_triton=use_triton)
+    return _launch_stream_linear(x, weight, bias, weight.shape[0] // 2, glu=True)

@@ -13,6 +13,7 @@ from kernels.decoder_step import (
     silu_mul,
     silu_mul_reference,
     stream_linear,
+    stream_linear_silu_mul,
 )
 from model.decoder import RMSNorm
 from model.rope import RotaryEmbedding
@@ -72,6 +73,24 @@ def test_stream_linear_matches_a_float64_product(monkeypatch, rows, with_bias, e
     want = x.double() @ weight.double().T + (bias.double() if with_bias else 0)
     got = stream_linear(x, weight, bias, use_triton=True)
     assert got.dtype == torch.float16 and rel(got.double(), want) < 1e-3
+
+
+@pytest.mark.parametrize("early", [True, False])
+def test_stream_linear_silu_mul_matches_a_float64_mlp_input(monkeypatch, early):
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_MAX_ROWS", 4)
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_NARROW_TILE", (16, 32, 4, 2))
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_EARLY", early)
+    x, weight, bias = torch.randn(3, 100).half(), torch.randn(80, 100).half(), torch.randn(80).half()  # 40 outputs
+    gate, up = (x.double() @ weight.double().T + bias.double()).chunk(2, dim=1)
+    got = stream_linear_silu_mul(x, weight, bias, use_triton=True)
+    assert got.shape == (3, 40) and rel(got.double(), torch.nn.functional.silu(gate) * up) < 2e-3
+
+
+def test_stream_linear_silu_mul_unfolded_is_silu_mul_of_the_product(monkeypatch):
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_FOLD_SILU", False)
+    x, weight = torch.randn(2, 64), torch.randn(64, 64)
+    gate, up = torch.nn.functional.linear(x, weight).chunk(2, dim=1)
+    assert torch.equal(stream_linear_silu_mul(x, weight, use_triton=True), silu_mul(gate, up, use_triton=True))
 
 
 def test_stream_linear_leaves_more_rows_and_float32_to_torch(monkeypatch):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.decoder_step import add_rms_norm, rope_write_kv, silu_mul, stream_linear
+from kernels.decoder_step import add_rms_norm, rope_write_kv, stream_linear, stream_linear_silu_mul
 from kernels.paged_attention import paged_attention, write_kv
 from model.bundle import ModelBundle
 from model.rope import apply_rotary
@@ -151,15 +151,16 @@ class ModelRunner:
         x, h = add_rms_norm(x, None, layers[0].input_layernorm, use_triton=use)
         for i, (layer, proj) in enumerate(zip(layers, self.projections)):
             attn, d = layer.self_attn, layer.self_attn.head_dim
-            q, k, v = proj.qkv(h, use).split(proj.qkv_sizes, dim=1)
+            qkv = stream_linear(h, proj.qkv_weight, proj.qkv_bias, use_triton=use)
+            q, k, v = qkv.split(proj.qkv_sizes, dim=1)
             q, k, v = q.view(total, -1, d), k.view(total, -1, d), v.view(total, -1, d)
             q = rope_write_kv(q, k, v, cos, sin, self.k_cache[i], self.v_cache[i], slots, use_triton=use)
             out = paged_attention(q, self.k_cache[i], self.v_cache[i], tables, seq_lens, starts, backend=self.attention_backend)
             o = stream_linear(out.view(total, -1), attn.o_proj.weight, attn.o_proj.bias, use_triton=use)
             x, h = add_rms_norm(x, o, layer.post_attention_layernorm, use_triton=use)
-            gate, up = proj.gate_up(h, use).chunk(2, dim=1)
+            inner = stream_linear_silu_mul(h, proj.gate_up_weight, proj.gate_up_bias, use_triton=use)
             down = layer.mlp.down_proj
-            delta = stream_linear(silu_mul(gate, up, use_triton=use), down.weight, down.bias, use_triton=use)
+            delta = stream_linear(inner, down.weight, down.bias, use_triton=use)
             if i + 1 < len(layers):
                 x, h = add_rms_norm(x, delta, layers[i + 1].input_layernorm, use_triton=use)
             else:
@@ -203,11 +204,6 @@ class FusedProjections:
             start = end
         return weight, bias
 
-    def qkv(self, h, use_triton=None):
-        return stream_linear(h, self.qkv_weight, self.qkv_bias, use_triton=use_triton)
-
-    def gate_up(self, h, use_triton=None):
-        return stream_linear(h, self.gate_up_weight, self.gate_up_bias, use_triton=use_triton)
 
 
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 384, 512)
