@@ -8,7 +8,7 @@ decode step on an H200. Here each piece is one kernel:
 - silu_mul: the MLP's SiLU(gate) * up,
 - stream_linear: a few rows' projection as a Triton weight stream that launches as a dependent, so
   it starts while the kernel before it finishes (cuBLAS launches cannot); for the MLP's gate and up
-  product with silu_mul in its epilogue.
+  product with silu_mul in its epilogue, for q, k and v with rope_write_kv in its epilogue.
 Each rounds to the model's dtype where the eager code does, so the residual add, the rotary
 embedding and the cache write are bit-identical to it; the norm and SiLU may differ in the last
 bit (reduction order, exp). The references are the model's own modules and functions.
@@ -38,6 +38,8 @@ STREAM_LINEAR_NARROW_TILE = (64, 128, 4, 4)  # the same for outputs narrower tha
 STREAM_LINEAR_NARROW = 8192  # (the hidden size's outputs: fewer programs, so maybe smaller tiles)
 STREAM_LINEAR_EARLY = False  # load the first weight tile before waiting for the previous kernel
 STREAM_LINEAR_FOLD_SILU = True  # the MLP's SiLU(gate) * up in the gate/up product's epilogue
+STREAM_LINEAR_FOLD_ROPE = True  # rope_write_kv in the q/k/v product's epilogue
+STREAM_LINEAR_ROPE_TILE = (32, 128, 4, 4)  # head dims (and as many partners) per program, K per iteration, warps, stages
 
 # ---------------------------------------------------------------------------------------------
 # torch references
@@ -202,6 +204,58 @@ if triton is not None:
         tl.store(out_ptr + rm[None, :] * stride_om + rn[:, None], out, mask=n_ok[:, None] & (rm[None, :] < M))
 
 
+    @triton.jit
+    def _stream_qkv_rope_kernel(
+        x_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slots_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
+        M, K, stride_xm, stride_wn, stride_cos,
+        HAS_BIAS: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, DIM: tl.constexpr, ROWS: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
+        """The q/k/v product for BLOCK_H dims c of one head and their rotary partners c + DIM/2, then
+        rope_write_kv's epilogue: rotated q to q_out, rotated k and v into the caches at slots."""
+        per_head: tl.constexpr = DIM // 2 // BLOCK_H
+        head = tl.program_id(0) // per_head
+        c = (tl.program_id(0) % per_head) * BLOCK_H + tl.arange(0, BLOCK_H)
+        rm = tl.arange(0, ROWS)
+        dims_ok = c < DIM // 2  # all true: the weight-tile mask
+        w_lo = w_ptr + (head * DIM + c)[:, None] * stride_wn
+        w_hi = w_lo + (DIM // 2) * stride_wn
+        x_cols = x_ptr + rm[None, :] * stride_xm
+        first_lo, first_hi = w_lo, w_hi  # unused unless EARLY
+        if EARLY:
+            first_lo = _weight_tile(w_lo, dims_ok, tl.arange(0, BLOCK_K), K)
+            first_hi = _weight_tile(w_hi, dims_ok, tl.arange(0, BLOCK_K), K)
+        await_predecessor(PDL)
+        lo = _stream_product(w_lo, x_cols, dims_ok, rm, M, K, first_lo, EARLY, BLOCK_K)
+        hi = _stream_product(w_hi, x_cols, dims_ok, rm, M, K, first_hi, EARLY, BLOCK_K)
+        if HAS_BIAS:
+            lo += tl.load(b_ptr + head * DIM + c).to(tl.float32)[:, None]
+            hi += tl.load(b_ptr + head * DIM + DIM // 2 + c).to(tl.float32)[:, None]
+        dtype = q_out_ptr.dtype.element_ty
+        lo, hi = _round_to(lo, dtype), _round_to(hi, dtype)  # the product's output, as q, k, v
+        t = rm[None, :].to(tl.int64)
+        mask = dims_ok[:, None] & (t < M)
+        if head < H + KV:  # x * cos + rotate_half(x) * sin, each product rounded (rope_write_kv)
+            cos_lo = tl.load(cos_ptr + t * stride_cos + c[:, None], mask=mask, other=0.0).to(tl.float32)
+            sin_lo = tl.load(sin_ptr + t * stride_cos + c[:, None], mask=mask, other=0.0).to(tl.float32)
+            cos_hi = tl.load(cos_ptr + t * stride_cos + DIM // 2 + c[:, None], mask=mask, other=0.0).to(tl.float32)
+            sin_hi = tl.load(sin_ptr + t * stride_cos + DIM // 2 + c[:, None], mask=mask, other=0.0).to(tl.float32)
+            new_lo = _round_to(_round_to(lo * cos_lo, dtype) + _round_to(-hi * sin_lo, dtype), dtype)
+            new_hi = _round_to(_round_to(hi * cos_hi, dtype) + _round_to(lo * sin_hi, dtype), dtype)
+        else:
+            new_lo, new_hi = lo, hi
+        if head < H:
+            dst = q_out_ptr + (t * H + head) * DIM + c[:, None]
+        else:
+            slot = tl.load(slots_ptr + t, mask=t < M, other=0)
+            if head < H + KV:
+                dst = k_cache_ptr + (slot * KV + head - H) * DIM + c[:, None]
+            else:
+                dst = v_cache_ptr + (slot * KV + head - H - KV) * DIM + c[:, None]
+        tl.store(dst, new_lo.to(dtype), mask=mask)
+        tl.store(dst + DIM // 2, new_hi.to(dtype), mask=mask)
+
+
 # ---------------------------------------------------------------------------------------------
 # dispatchers: Triton on CUDA (or under TRITON_INTERPRET=1 when forced), the references otherwise
 
@@ -283,3 +337,26 @@ def stream_linear_silu_mul(x, weight, bias=None, use_triton=None):
         gate, up = stream_linear(x, weight, bias, use_triton=use_triton).chunk(2, dim=1)
         return silu_mul(gate, up, use_triton=use_triton)
     return _launch_stream_linear(x, weight, bias, weight.shape[0] // 2, glu=True)
+
+
+def stream_qkv_rope(x, weight, bias, cos, sin, k_cache, v_cache, slots, heads, use_triton=None):
+    """rope_write_kv of the q, k, v split of F.linear(x, weight, bias) (`heads` query heads, the
+    caches' kv heads and head size): returns the rotated q [T, heads, d]. The product and the rotary
+    epilogue are one kernel when stream_linear takes x (and STREAM_LINEAR_FOLD_ROPE)."""
+    tokens = x.shape[0]
+    kv_heads, dim = k_cache.shape[2], k_cache.shape[3]
+    if not (STREAM_LINEAR_FOLD_ROPE and _stream_eligible(x, weight, use_triton)) or dim & (dim - 1):
+        q, k, v = stream_linear(x, weight, bias, use_triton=use_triton).split([heads * dim, kv_heads * dim, kv_heads * dim], 1)
+        q, k, v = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim), v.view(tokens, kv_heads, dim)
+        return rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots, use_triton=use_triton)
+    block_h, block_k, warps, stages = STREAM_LINEAR_ROPE_TILE
+    block_h = min(block_h, dim // 2)
+    q_out = torch.empty(tokens, heads, dim, device=x.device, dtype=weight.dtype)
+    _stream_qkv_rope_kernel[((heads + 2 * kv_heads) * (dim // 2 // block_h),)](
+        x, weight, bias if bias is not None else weight, cos, sin, slots, q_out, k_cache, v_cache,
+        tokens, x.shape[1], x.stride(0), weight.stride(0), cos.stride(0),
+        HAS_BIAS=bias is not None, H=heads, KV=kv_heads, DIM=dim, ROWS=max(16, triton.next_power_of_2(tokens)),
+        BLOCK_H=block_h, BLOCK_K=block_k, EARLY=STREAM_LINEAR_EARLY, num_warps=warps, num_stages=stages,
+        **_pdl_launch(x),
+    )  # fmt: skip
+    return q_out

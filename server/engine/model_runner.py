@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.decoder_step import add_rms_norm, rope_write_kv, stream_linear, stream_linear_silu_mul
+from kernels.decoder_step import add_rms_norm, stream_linear, stream_linear_silu_mul, stream_qkv_rope
 from kernels.paged_attention import paged_attention, write_kv
 from model.bundle import ModelBundle
 from model.rope import apply_rotary
@@ -150,11 +150,10 @@ class ModelRunner:
         layers = model.layers
         x, h = add_rms_norm(x, None, layers[0].input_layernorm, use_triton=use)
         for i, (layer, proj) in enumerate(zip(layers, self.projections)):
-            attn, d = layer.self_attn, layer.self_attn.head_dim
-            qkv = stream_linear(h, proj.qkv_weight, proj.qkv_bias, use_triton=use)
-            q, k, v = qkv.split(proj.qkv_sizes, dim=1)
-            q, k, v = q.view(total, -1, d), k.view(total, -1, d), v.view(total, -1, d)
-            q = rope_write_kv(q, k, v, cos, sin, self.k_cache[i], self.v_cache[i], slots, use_triton=use)
+            attn = layer.self_attn
+            q = stream_qkv_rope(
+                h, proj.qkv_weight, proj.qkv_bias, cos, sin, self.k_cache[i], self.v_cache[i], slots, attn.num_heads, use
+            )
             out = paged_attention(q, self.k_cache[i], self.v_cache[i], tables, seq_lens, starts, backend=self.attention_backend)
             o = stream_linear(out.view(total, -1), attn.o_proj.weight, attn.o_proj.bias, use_triton=use)
             x, h = add_rms_norm(x, o, layer.post_attention_layernorm, use_triton=use)
@@ -187,7 +186,6 @@ class FusedProjections:
     def __init__(self, layer):
         attn, mlp = layer.self_attn, layer.mlp
         self.qkv_weight, self.qkv_bias = self._join([attn.q_proj, attn.k_proj, attn.v_proj])
-        self.qkv_sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
         self.gate_up_weight, self.gate_up_bias = self._join([mlp.gate_proj, mlp.up_proj])
 
     @staticmethod
