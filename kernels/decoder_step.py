@@ -7,8 +7,7 @@ decode step on an H200. Here each piece is one kernel:
 - rope_write_kv: rotary embedding of q and k, k and v stored in the paged cache,
 - silu_mul: the MLP's SiLU(gate) * up,
 - stream_linear: a few rows' projection as a Triton weight stream that launches as a dependent, so
-  it starts while the kernel before it finishes (cuBLAS launches cannot); for the MLP's gate and up
-  product with silu_mul in its epilogue, for q, k and v with rope_write_kv in its epilogue.
+  it starts while the kernel before it finishes (cuBLAS launches cannot).
 Each rounds to the model's dtype where the eager code does, so the residual add, the rotary
 embedding and the cache write are bit-identical to it; the norm and SiLU may differ in the last
 bit (reduction order, exp). The references are the model's own modules and functions.
@@ -32,14 +31,10 @@ except ImportError:  # the references still work without triton
 
 # launch the kernels as programmatic dependents of the previous kernel (Hopper), see dispatch.py
 PDL = True
-STREAM_LINEAR_MAX_ROWS = 0  # products of at most this many rows take stream_linear (0: cuBLAS always)
+# products of at most this many rows take stream_linear, cuBLAS above (0: always); the rows are padded
+# to 16 anyway. H100, one-image decode step 9.77 vs 10.43 ms: backbone_stream_linear_variants_h100_s20.json
+STREAM_LINEAR_MAX_ROWS = 16
 STREAM_LINEAR_TILE = (64, 128, 4, 4)  # weight rows per program, K per iteration, warps, stages
-STREAM_LINEAR_NARROW_TILE = (64, 128, 4, 4)  # the same for outputs narrower than STREAM_LINEAR_NARROW
-STREAM_LINEAR_NARROW = 8192  # (the hidden size's outputs: fewer programs, so maybe smaller tiles)
-STREAM_LINEAR_EARLY = False  # load the first weight tile before waiting for the previous kernel
-STREAM_LINEAR_FOLD_SILU = True  # the MLP's SiLU(gate) * up in the gate/up product's epilogue
-STREAM_LINEAR_FOLD_ROPE = True  # rope_write_kv in the q/k/v product's epilogue
-STREAM_LINEAR_ROPE_TILE = (32, 128, 4, 4)  # head dims (and as many partners) per program, K per iteration, warps, stages
 
 # ---------------------------------------------------------------------------------------------
 # torch references
@@ -150,110 +145,28 @@ if triton is not None:
 
 
     @triton.jit
-    def _weight_tile(w_rows, n_ok, kk, K):
-        return tl.load(w_rows + kk[None, :], mask=n_ok[:, None] & (kk[None, :] < K), other=0.0)
-
-    @triton.jit
-    def _stream_product(w_rows, x_cols, n_ok, rm, M, K, first, EARLY: tl.constexpr, BLOCK_K: tl.constexpr):
-        """[BLOCK_N, ROWS] float32 products of the weight rows with the (zero-padded) rows of x; with
-        EARLY, `first` is the weight tile at K offset 0, already loaded."""
-        rk = tl.arange(0, BLOCK_K)
-        acc = tl.zeros([w_rows.shape[0], x_cols.shape[1]], dtype=tl.float32)
-        if EARLY:
-            xt = tl.load(x_cols + rk[:, None], mask=(rm[None, :] < M) & (rk[:, None] < K), other=0.0)
-            acc = tl.dot(first, xt.to(first.dtype), acc)
-        for k in range(BLOCK_K if EARLY else 0, K, BLOCK_K):
-            kk = k + rk
-            w = _weight_tile(w_rows, n_ok, kk, K)
-            xt = tl.load(x_cols + kk[:, None], mask=(rm[None, :] < M) & (kk[:, None] < K), other=0.0)
-            acc = tl.dot(w, xt.to(w.dtype), acc)
-        return acc
-
-    @triton.jit
     def _stream_linear_kernel(
         x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-        HAS_BIAS: tl.constexpr, GLU: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr,
+        HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
         """out[:M, n-block] = x @ w[n-block].T (+ bias): the weight block is the dot's left operand and
-        the rows, padded to ROWS >= 16 with zeros, its right one, so the tensor cores take any M.
-        GLU: w holds 2N rows, gate then up, and out = SiLU(gate) * up rounded as silu_mul does."""
+        the rows, padded to ROWS >= 16 with zeros, its right one, so the tensor cores take any M."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = tl.arange(0, ROWS)
+        rk = tl.arange(0, BLOCK_K)
         n_ok = rn < N
-        w_rows = w_ptr + rn[:, None] * stride_wn
-        up_rows = w_rows + N * stride_wn
-        x_cols = x_ptr + rm[None, :] * stride_xm
-        first, first_up = w_rows, up_rows  # unused unless EARLY
-        if EARLY:  # weights do not depend on the previous kernel: request the first tiles before waiting
-            first = _weight_tile(w_rows, n_ok, tl.arange(0, BLOCK_K), K)
-            if GLU:
-                first_up = _weight_tile(up_rows, n_ok, tl.arange(0, BLOCK_K), K)
         await_predecessor(PDL)
-        acc = _stream_product(w_rows, x_cols, n_ok, rm, M, K, first, EARLY, BLOCK_K)
+        acc = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            kk = k + rk
+            w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_ok[:, None] & (kk[None, :] < K), other=0.0)
+            xt = tl.load(x_ptr + rm[None, :] * stride_xm + kk[:, None], mask=(rm[None, :] < M) & (kk[:, None] < K), other=0.0)
+            acc = tl.dot(w, xt.to(w.dtype), acc)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-        if GLU:
-            up = _stream_product(up_rows, x_cols, n_ok, rm, M, K, first_up, EARLY, BLOCK_K)
-            if HAS_BIAS:
-                up += tl.load(b_ptr + N + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            gate = _round_to(acc, out_ptr.dtype.element_ty)
-            silu = _round_to(gate / (1.0 + tl.exp(-gate)), out_ptr.dtype.element_ty)
-            acc = _round_to(silu * _round_to(up, out_ptr.dtype.element_ty), out_ptr.dtype.element_ty)
         out = acc.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rm[None, :] * stride_om + rn[:, None], out, mask=n_ok[:, None] & (rm[None, :] < M))
-
-
-    @triton.jit
-    def _stream_qkv_rope_kernel(
-        x_ptr, w_ptr, b_ptr, cos_ptr, sin_ptr, slots_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
-        M, K, stride_xm, stride_wn, stride_cos,
-        HAS_BIAS: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, DIM: tl.constexpr, ROWS: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr,
-    ):  # fmt: skip
-        """The q/k/v product for BLOCK_H dims c of one head and their rotary partners c + DIM/2, then
-        rope_write_kv's epilogue: rotated q to q_out, rotated k and v into the caches at slots."""
-        per_head: tl.constexpr = DIM // 2 // BLOCK_H
-        head = tl.program_id(0) // per_head
-        c = (tl.program_id(0) % per_head) * BLOCK_H + tl.arange(0, BLOCK_H)
-        rm = tl.arange(0, ROWS)
-        dims_ok = c < DIM // 2  # all true: the weight-tile mask
-        w_lo = w_ptr + (head * DIM + c)[:, None] * stride_wn
-        w_hi = w_lo + (DIM // 2) * stride_wn
-        x_cols = x_ptr + rm[None, :] * stride_xm
-        first_lo, first_hi = w_lo, w_hi  # unused unless EARLY
-        if EARLY:
-            first_lo = _weight_tile(w_lo, dims_ok, tl.arange(0, BLOCK_K), K)
-            first_hi = _weight_tile(w_hi, dims_ok, tl.arange(0, BLOCK_K), K)
-        await_predecessor(PDL)
-        lo = _stream_product(w_lo, x_cols, dims_ok, rm, M, K, first_lo, EARLY, BLOCK_K)
-        hi = _stream_product(w_hi, x_cols, dims_ok, rm, M, K, first_hi, EARLY, BLOCK_K)
-        if HAS_BIAS:
-            lo += tl.load(b_ptr + head * DIM + c).to(tl.float32)[:, None]
-            hi += tl.load(b_ptr + head * DIM + DIM // 2 + c).to(tl.float32)[:, None]
-        dtype = q_out_ptr.dtype.element_ty
-        lo, hi = _round_to(lo, dtype), _round_to(hi, dtype)  # the product's output, as q, k, v
-        t = rm[None, :].to(tl.int64)
-        mask = dims_ok[:, None] & (t < M)
-        if head < H + KV:  # x * cos + rotate_half(x) * sin, each product rounded (rope_write_kv)
-            cos_lo = tl.load(cos_ptr + t * stride_cos + c[:, None], mask=mask, other=0.0).to(tl.float32)
-            sin_lo = tl.load(sin_ptr + t * stride_cos + c[:, None], mask=mask, other=0.0).to(tl.float32)
-            cos_hi = tl.load(cos_ptr + t * stride_cos + DIM // 2 + c[:, None], mask=mask, other=0.0).to(tl.float32)
-            sin_hi = tl.load(sin_ptr + t * stride_cos + DIM // 2 + c[:, None], mask=mask, other=0.0).to(tl.float32)
-            new_lo = _round_to(_round_to(lo * cos_lo, dtype) + _round_to(-hi * sin_lo, dtype), dtype)
-            new_hi = _round_to(_round_to(hi * cos_hi, dtype) + _round_to(lo * sin_hi, dtype), dtype)
-        else:
-            new_lo, new_hi = lo, hi
-        if head < H:
-            dst = q_out_ptr + (t * H + head) * DIM + c[:, None]
-        else:
-            slot = tl.load(slots_ptr + t, mask=t < M, other=0)
-            if head < H + KV:
-                dst = k_cache_ptr + (slot * KV + head - H) * DIM + c[:, None]
-            else:
-                dst = v_cache_ptr + (slot * KV + head - H - KV) * DIM + c[:, None]
-        tl.store(dst, new_lo.to(dtype), mask=mask)
-        tl.store(dst + DIM // 2, new_hi.to(dtype), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,58 +218,19 @@ def silu_mul(gate, up, use_triton=None):
     return out
 
 
-def _stream_eligible(x, weight, use_triton) -> bool:
-    half = weight.dtype in (torch.bfloat16, torch.float16)  # float32 would take the dot's tf32 rounding
-    return runs_triton(x, use_triton) and half and 0 < x.shape[0] <= STREAM_LINEAR_MAX_ROWS
-
-
-def _launch_stream_linear(x, weight, bias, n, glu):
-    m, k = x.shape
-    out = torch.empty(m, n, device=x.device, dtype=weight.dtype)
-    block_n, block_k, warps, stages = STREAM_LINEAR_NARROW_TILE if n < STREAM_LINEAR_NARROW else STREAM_LINEAR_TILE
-    _stream_linear_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, GLU=glu, ROWS=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n,
-        BLOCK_K=block_k, EARLY=STREAM_LINEAR_EARLY, num_warps=warps, num_stages=stages, **_pdl_launch(x),
-    )  # fmt: skip
-    return out
-
-
 def stream_linear(x, weight, bias=None, use_triton=None):
     """F.linear for at most STREAM_LINEAR_MAX_ROWS rows of 16-bit floats (cuBLAS above, for float32, or
     when it is 0); x [M, K] with unit stride in K, weight [N, K] contiguous."""
-    if not _stream_eligible(x, weight, use_triton):
+    m, k = x.shape
+    half = weight.dtype in (torch.bfloat16, torch.float16)  # float32 would take the dot's tf32 rounding
+    if not runs_triton(x, use_triton) or not half or not 0 < m <= STREAM_LINEAR_MAX_ROWS:
         return stream_linear_reference(x, weight, bias)
-    return _launch_stream_linear(x, weight, bias, weight.shape[0], glu=False)
-
-
-def stream_linear_silu_mul(x, weight, bias=None, use_triton=None):
-    """silu_mul of the two halves (gate, up) of F.linear(x, weight, bias), the product and the SiLU in
-    one kernel when stream_linear takes x (and STREAM_LINEAR_FOLD_SILU)."""
-    if not (STREAM_LINEAR_FOLD_SILU and _stream_eligible(x, weight, use_triton)):
-        gate, up = stream_linear(x, weight, bias, use_triton=use_triton).chunk(2, dim=1)
-        return silu_mul(gate, up, use_triton=use_triton)
-    return _launch_stream_linear(x, weight, bias, weight.shape[0] // 2, glu=True)
-
-
-def stream_qkv_rope(x, weight, bias, cos, sin, k_cache, v_cache, slots, heads, use_triton=None):
-    """rope_write_kv of the q, k, v split of F.linear(x, weight, bias) (`heads` query heads, the
-    caches' kv heads and head size): returns the rotated q [T, heads, d]. The product and the rotary
-    epilogue are one kernel when stream_linear takes x (and STREAM_LINEAR_FOLD_ROPE)."""
-    tokens = x.shape[0]
-    kv_heads, dim = k_cache.shape[2], k_cache.shape[3]
-    if not (STREAM_LINEAR_FOLD_ROPE and _stream_eligible(x, weight, use_triton)) or dim & (dim - 1):
-        q, k, v = stream_linear(x, weight, bias, use_triton=use_triton).split([heads * dim, kv_heads * dim, kv_heads * dim], 1)
-        q, k, v = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim), v.view(tokens, kv_heads, dim)
-        return rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots, use_triton=use_triton)
-    block_h, block_k, warps, stages = STREAM_LINEAR_ROPE_TILE
-    block_h = min(block_h, dim // 2)
-    q_out = torch.empty(tokens, heads, dim, device=x.device, dtype=weight.dtype)
-    _stream_qkv_rope_kernel[((heads + 2 * kv_heads) * (dim // 2 // block_h),)](
-        x, weight, bias if bias is not None else weight, cos, sin, slots, q_out, k_cache, v_cache,
-        tokens, x.shape[1], x.stride(0), weight.stride(0), cos.stride(0),
-        HAS_BIAS=bias is not None, H=heads, KV=kv_heads, DIM=dim, ROWS=max(16, triton.next_power_of_2(tokens)),
-        BLOCK_H=block_h, BLOCK_K=block_k, EARLY=STREAM_LINEAR_EARLY, num_warps=warps, num_stages=stages,
-        **_pdl_launch(x),
+    n = weight.shape[0]
+    out = torch.empty(m, n, device=x.device, dtype=weight.dtype)
+    block_n, block_k, warps, stages = STREAM_LINEAR_TILE
+    _stream_linear_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, ROWS=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps, num_stages=stages, **_pdl_launch(x),
     )  # fmt: skip
-    return q_out
+    return out

@@ -13,8 +13,6 @@ from kernels.decoder_step import (
     silu_mul,
     silu_mul_reference,
     stream_linear,
-    stream_linear_silu_mul,
-    stream_qkv_rope,
 )
 from model.decoder import RMSNorm
 from model.rope import RotaryEmbedding
@@ -62,58 +60,15 @@ def test_silu_mul_matches_reference(dtype, tol):
 
 @pytest.mark.parametrize("rows", [1, 2, 4])
 @pytest.mark.parametrize("with_bias", [True, False])
-@pytest.mark.parametrize("early", [True, False])
-def test_stream_linear_matches_a_float64_product(monkeypatch, rows, with_bias, early):
+def test_stream_linear_matches_a_float64_product(monkeypatch, rows, with_bias):
     monkeypatch.setattr(decoder_step, "STREAM_LINEAR_MAX_ROWS", 4)
     monkeypatch.setattr(decoder_step, "STREAM_LINEAR_TILE", (16, 32, 4, 2))
-    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_NARROW", 0)  # N=40 takes STREAM_LINEAR_TILE
-    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_EARLY", early)
     # float16: the interpreter multiplies bfloat16 tiles wrongly (test_paged_attention says why)
     x, weight = torch.randn(rows, 100).half(), torch.randn(40, 100).half()  # ragged N and K tiles
     bias = torch.randn(40).half() if with_bias else None
     want = x.double() @ weight.double().T + (bias.double() if with_bias else 0)
     got = stream_linear(x, weight, bias, use_triton=True)
     assert got.dtype == torch.float16 and rel(got.double(), want) < 1e-3
-
-
-@pytest.mark.parametrize("early", [True, False])
-def test_stream_linear_silu_mul_matches_a_float64_mlp_input(monkeypatch, early):
-    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_MAX_ROWS", 4)
-    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_NARROW_TILE", (16, 32, 4, 2))
-    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_EARLY", early)
-    x, weight, bias = torch.randn(3, 100).half(), torch.randn(80, 100).half(), torch.randn(80).half()  # 40 outputs
-    gate, up = (x.double() @ weight.double().T + bias.double()).chunk(2, dim=1)
-    got = stream_linear_silu_mul(x, weight, bias, use_triton=True)
-    assert got.shape == (3, 40) and rel(got.double(), torch.nn.functional.silu(gate) * up) < 2e-3
-
-
-def test_stream_linear_silu_mul_unfolded_is_silu_mul_of_the_product(monkeypatch):
-    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_FOLD_SILU", False)
-    x, weight = torch.randn(2, 64), torch.randn(64, 64)
-    gate, up = torch.nn.functional.linear(x, weight).chunk(2, dim=1)
-    assert torch.equal(stream_linear_silu_mul(x, weight, use_triton=True), silu_mul(gate, up, use_triton=True))
-
-
-@pytest.mark.parametrize("fold", [True, False])
-def test_stream_qkv_rope_matches_the_product_then_rope_write_kv(monkeypatch, fold):
-    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_MAX_ROWS", 4)
-    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_FOLD_ROPE", fold)
-    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_ROPE_TILE", (8, 32, 4, 2))
-    tokens, heads, kv_heads, dim, blocks, block_size, hidden = 3, 4, 2, 32, 5, 4, 80
-    x, weight = torch.randn(tokens, hidden).half(), (torch.randn((heads + 2 * kv_heads) * dim, hidden) / 9).half()
-    bias = torch.randn(weight.shape[0]).half()
-    cos, sin = RotaryEmbedding(dim, 10000.0, None, 4096).cos_sin(torch.randint(0, 500, (tokens,)), torch.float16)
-    slots = torch.randperm(blocks * block_size)[:tokens]
-    caches = [torch.zeros(blocks, block_size, kv_heads, dim).half() for _ in range(4)]
-    got = stream_qkv_rope(x, weight, bias, cos, sin, caches[0], caches[1], slots, heads, use_triton=True)
-    q, k, v = (x.double() @ weight.double().T + bias.double()).half().split([heads * dim, kv_heads * dim, kv_heads * dim], 1)
-    q, k, v = q.reshape(tokens, heads, dim), k.reshape(tokens, kv_heads, dim), v.reshape(tokens, kv_heads, dim)
-    want = rope_write_kv_reference(q, k, v, cos, sin, caches[2], caches[3], slots)
-    assert rel(got.double(), want.double()) < 2e-3
-    assert rel(caches[0].double(), caches[2].double()) < 2e-3 and rel(caches[1].double(), caches[3].double()) < 2e-3
-    untouched = torch.ones(blocks * block_size, dtype=torch.bool)
-    untouched[slots] = False
-    assert not caches[0].view(-1, kv_heads, dim)[untouched].any()  # only the tokens' slots are written
 
 
 def test_stream_linear_leaves_more_rows_and_float32_to_torch(monkeypatch):

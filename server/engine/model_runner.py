@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.decoder_step import add_rms_norm, stream_linear, stream_linear_silu_mul, stream_qkv_rope
+from kernels.decoder_step import add_rms_norm, rope_write_kv, silu_mul, stream_linear
 from kernels.paged_attention import paged_attention, write_kv
 from model.bundle import ModelBundle
 from model.rope import apply_rotary
@@ -143,23 +143,24 @@ class ModelRunner:
 
     def _forward_fused(self, x, positions, slots, tables, seq_lens, starts, last_rows) -> torch.Tensor:
         """forward() with the glue fused (kernels.decoder_step): one kernel each for residual add +
-        RMSNorm, rotary embedding + cache write, and SiLU * up."""
+        RMSNorm, rotary embedding + cache write, and SiLU * up; the products of a few rows (decode
+        steps of up to 8 images) as stream_linear weight streams."""
         model, use = self.model, self.fused_kernels
         cos, sin = model.rotary.cos_sin(positions, x.dtype)
         total = x.shape[0]
         layers = model.layers
         x, h = add_rms_norm(x, None, layers[0].input_layernorm, use_triton=use)
         for i, (layer, proj) in enumerate(zip(layers, self.projections)):
-            attn = layer.self_attn
-            q = stream_qkv_rope(
-                h, proj.qkv_weight, proj.qkv_bias, cos, sin, self.k_cache[i], self.v_cache[i], slots, attn.num_heads, use
-            )
+            attn, d = layer.self_attn, layer.self_attn.head_dim
+            q, k, v = proj.qkv(h, use).split(proj.qkv_sizes, dim=1)
+            q, k, v = q.view(total, -1, d), k.view(total, -1, d), v.view(total, -1, d)
+            q = rope_write_kv(q, k, v, cos, sin, self.k_cache[i], self.v_cache[i], slots, use_triton=use)
             out = paged_attention(q, self.k_cache[i], self.v_cache[i], tables, seq_lens, starts, backend=self.attention_backend)
             o = stream_linear(out.view(total, -1), attn.o_proj.weight, attn.o_proj.bias, use_triton=use)
             x, h = add_rms_norm(x, o, layer.post_attention_layernorm, use_triton=use)
-            inner = stream_linear_silu_mul(h, proj.gate_up_weight, proj.gate_up_bias, use_triton=use)
+            gate, up = proj.gate_up(h, use).chunk(2, dim=1)
             down = layer.mlp.down_proj
-            delta = stream_linear(inner, down.weight, down.bias, use_triton=use)
+            delta = stream_linear(silu_mul(gate, up, use_triton=use), down.weight, down.bias, use_triton=use)
             if i + 1 < len(layers):
                 x, h = add_rms_norm(x, delta, layers[i + 1].input_layernorm, use_triton=use)
             else:
@@ -186,6 +187,7 @@ class FusedProjections:
     def __init__(self, layer):
         attn, mlp = layer.self_attn, layer.mlp
         self.qkv_weight, self.qkv_bias = self._join([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.qkv_sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
         self.gate_up_weight, self.gate_up_bias = self._join([mlp.gate_proj, mlp.up_proj])
 
     @staticmethod
@@ -202,6 +204,11 @@ class FusedProjections:
             start = end
         return weight, bias
 
+    def qkv(self, h, use_triton=None):
+        return stream_linear(h, self.qkv_weight, self.qkv_bias, use_triton=use_triton)
+
+    def gate_up(self, h, use_triton=None):
+        return stream_linear(h, self.gate_up_weight, self.gate_up_bias, use_triton=use_triton)
 
 
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 384, 512)
