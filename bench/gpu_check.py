@@ -5,7 +5,8 @@
 1. Paged attention at the real shapes (40 query / 8 kv heads, head_dim 128, bf16): each backend
    against the reference on fresh random inputs (relative error), and its time.
 2. The decoder-step kernels at the real shapes (bf16) against the model's own modules: rotary
-   embedding, cache write and residual add bit-identical, norms and SiLU relative error.
+   embedding, cache write and residual add bit-identical, norms and SiLU relative error; the few-row
+   stream product and cuBLAS against a float32 product.
 3. Engine vs reference generator on the GPU (tiny preset, float32 and bfloat16): largest token
    and pixel differences over a mixed batch.
 """
@@ -179,6 +180,11 @@ def check_decoder_step(results: dict) -> None:
     gate, up = torch.randn(tokens, inner, **bf16), torch.randn(tokens, inner, **bf16)
     got, want = ds.silu_mul(gate, up).float(), ds.silu_mul_reference(gate, up).float()
     out["silu_mul_rel_error"] = ((got - want).norm() / want.norm()).item()
+    for rows in (2, 16):  # stream_linear against a float32 product, the MLP's down projection
+        x, weight = torch.randn(rows, inner, **bf16), torch.randn(hidden, inner, **bf16) / inner**0.5
+        want = x.float() @ weight.float().T
+        for name, got in (("stream_linear", ds.stream_linear(x, weight)), ("cublas", ds.stream_linear_reference(x, weight))):
+            out[f"{name}_{rows}_rows_rel_error"] = ((got.float() - want).norm() / want.norm()).item()
     print("decoder step", out, flush=True)
     results["decoder_step"] = out
 
