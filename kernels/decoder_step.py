@@ -223,7 +223,8 @@ def stream_linear(x, weight, bias=None, use_triton=None):
     when it is 0); x [M, K] with unit stride in K, weight [N, K] contiguous."""
     m, k = x.shape
     half = weight.dtype in (torch.bfloat16, torch.float16)  # float32 would take the dot's tf32 rounding
-    if not runs_triton(x, use_triton) or not half or not 0 < m <= STREAM_LINEAR_MAX_ROWS:
+    small = weight.numel() < 2**31  # the kernel's offsets are 32-bit
+    if not runs_triton(x, use_triton) or not half or not small or not 0 < m <= STREAM_LINEAR_MAX_ROWS:
         return stream_linear_reference(x, weight, bias)
     n = weight.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=weight.dtype)

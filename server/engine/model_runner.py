@@ -143,8 +143,8 @@ class ModelRunner:
 
     def _forward_fused(self, x, positions, slots, tables, seq_lens, starts, last_rows) -> torch.Tensor:
         """forward() with the glue fused (kernels.decoder_step): one kernel each for residual add +
-        RMSNorm, rotary embedding + cache write, and SiLU * up; the products of a few rows (decode
-        steps of up to 8 images) as stream_linear weight streams."""
+        RMSNorm, rotary embedding + cache write, and SiLU * up; products of a few rows (decode steps
+        of a few images) as stream_linear weight streams."""
         model, use = self.model, self.fused_kernels
         cos, sin = model.rotary.cos_sin(positions, x.dtype)
         total = x.shape[0]
