@@ -220,11 +220,12 @@ def silu_mul(gate, up, use_triton=None):
 
 def stream_linear(x, weight, bias=None, use_triton=None):
     """F.linear for at most STREAM_LINEAR_MAX_ROWS rows of 16-bit floats (cuBLAS above, for float32, or
-    when it is 0); x [M, K] with unit stride in K, weight [N, K] contiguous."""
+    when it is 0); x [M, K] and weight [N, K] with unit stride in K (cuBLAS otherwise)."""
     m, k = x.shape
     half = weight.dtype in (torch.bfloat16, torch.float16)  # float32 would take the dot's tf32 rounding
     small = weight.numel() < 2**31  # the kernel's offsets are 32-bit
-    if not runs_triton(x, use_triton) or not half or not small or not 0 < m <= STREAM_LINEAR_MAX_ROWS:
+    unit_k = x.stride(1) == 1 and weight.stride(1) == 1  # the kernel steps through K one element at a time
+    if not (runs_triton(x, use_triton) and half and small and unit_k and 0 < m <= STREAM_LINEAR_MAX_ROWS):
         return stream_linear_reference(x, weight, bias)
     n = weight.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=weight.dtype)

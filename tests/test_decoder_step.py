@@ -71,9 +71,14 @@ def test_stream_linear_matches_a_float64_product(monkeypatch, rows, with_bias):
     assert got.dtype == torch.float16 and rel(got.double(), want) < 1e-3
 
 
-def test_stream_linear_leaves_more_rows_and_float32_to_torch(monkeypatch):
+def test_stream_linear_leaves_more_rows_float32_and_strided_k_to_torch(monkeypatch):
     monkeypatch.setattr(decoder_step, "STREAM_LINEAR_MAX_ROWS", 4)
-    for x, weight in [(torch.randn(5, 64).bfloat16(), torch.randn(32, 64).bfloat16()), (torch.randn(2, 64), torch.randn(32, 64))]:
+    cases = [
+        (torch.randn(5, 64).bfloat16(), torch.randn(32, 64).bfloat16()),
+        (torch.randn(2, 64), torch.randn(32, 64)),
+        (torch.randn(64, 2).half().T, torch.randn(32, 64).half()),  # x strided along K
+    ]
+    for x, weight in cases:
         assert torch.equal(stream_linear(x, weight, use_triton=True), torch.nn.functional.linear(x, weight))
 
 
