@@ -20,6 +20,7 @@ import traceback
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 
 from bench.settings import apply_settings, parse_settings
 from kernels.paged_attention import BACKENDS, paged_attention
@@ -180,11 +181,19 @@ def check_decoder_step(results: dict) -> None:
     gate, up = torch.randn(tokens, inner, **bf16), torch.randn(tokens, inner, **bf16)
     got, want = ds.silu_mul(gate, up).float(), ds.silu_mul_reference(gate, up).float()
     out["silu_mul_rel_error"] = ((got - want).norm() / want.norm()).item()
-    for rows in (2, 16):  # stream_linear against a float32 product, the MLP's down projection
+    for rows in (2, 16, 32):  # stream_linear against a float32 product, the MLP's down projection
         x, weight = torch.randn(rows, inner, **bf16), torch.randn(hidden, inner, **bf16) / inner**0.5
         want = x.float() @ weight.float().T
-        for name, got in (("stream_linear", ds.stream_linear(x, weight)), ("cublas", ds.stream_linear_reference(x, weight))):
+        per_sm, ds.STREAM_LINEAR_PROGRAMS_PER_SM = ds.STREAM_LINEAR_PROGRAMS_PER_SM, 0
+        unsplit = ds.stream_linear(x, weight)
+        ds.STREAM_LINEAR_PROGRAMS_PER_SM = per_sm
+        repeats = [ds.stream_linear(x, weight) for _ in range(50)]  # split K: sums in slice order
+        for name, got in (("stream_linear", repeats[0]), ("unsplit", unsplit), ("cublas", F.linear(x, weight))):
             out[f"{name}_{rows}_rows_rel_error"] = ((got.float() - want).norm() / want.norm()).item()
+        out[f"stream_linear_{rows}_rows_repeats_identical"] = all(torch.equal(r, repeats[0]) for r in repeats)
+        gate, up = torch.randn(rows, inner, **bf16), torch.randn(rows, inner, **bf16)
+        fused = ds.silu_mul_linear(gate, up, weight)
+        out[f"silu_mul_linear_{rows}_rows_identical"] = torch.equal(fused, ds.stream_linear(ds.silu_mul(gate, up), weight))
     print("decoder step", out, flush=True)
     results["decoder_step"] = out
 

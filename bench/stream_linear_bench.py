@@ -1,6 +1,7 @@
 """stream_linear against cuBLAS on the backbone's projections at a few rows: us per product.
 
-    python -m bench.stream_linear_bench --rows 2 4 --tile 16x256x4x4 --tile 64x128x4x4 --json out.json   # GPU
+    python -m bench.stream_linear_bench --rows 2 4 --tile 16x256x4x4 --tile 64x128x4x4 --programs-per-sm 0 2 \
+        --json out.json   # GPU
 
 Each product reads one of several weight copies in turn (together well beyond L2), so every call
 streams its weights from HBM as in a decode step; 16 calls are one CUDA graph.
@@ -50,6 +51,8 @@ def main() -> None:
     p.add_argument("--model", default="nextstep-1-large")
     p.add_argument("--rows", type=int, nargs="+", default=[2, 4])
     p.add_argument("--tile", action="append", default=[], metavar="BNxBKxWARPSxSTAGES")
+    p.add_argument("--programs-per-sm", type=int, nargs="+", default=[decoder_step.STREAM_LINEAR_PROGRAMS_PER_SM],
+                   help="STREAM_LINEAR_PROGRAMS_PER_SM values: split K up to about this many programs (0: never)")  # fmt: skip
     p.add_argument("--json")
     args = p.parse_args()
     tiles = [tuple(int(v) for v in t.split("x")) for t in args.tile] or [decoder_step.STREAM_LINEAR_TILE]
@@ -67,13 +70,15 @@ def main() -> None:
                 gbytes = n * k * 2 / 1e9
                 line = f"{name:8s} {rows} rows: cuBLAS {row['cublas_us']:7.2f} us ({gbytes / row['cublas_us'] * 1e3:.2f} TB/s)"
                 for tile in tiles:
-                    decoder_step.STREAM_LINEAR_TILE = tile
-                    got = decoder_step.stream_linear(x, weights[0], biases[0]).float()
-                    us = time_products(decoder_step.stream_linear, weights, biases, x)
-                    diff = ((got - want).norm() / want.norm()).item()
-                    label = "x".join(map(str, tile))
-                    row[label] = {"us": us, "rel_diff": diff}
-                    line += f" | {label} {us:7.2f} ({diff:.0e})"
+                    for per_sm in args.programs_per_sm:
+                        decoder_step.STREAM_LINEAR_TILE, decoder_step.STREAM_LINEAR_PROGRAMS_PER_SM = tile, per_sm
+                        got = decoder_step.stream_linear(x, weights[0], biases[0]).float()
+                        us = time_products(decoder_step.stream_linear, weights, biases, x)
+                        diff = ((got - want).norm() / want.norm()).item()
+                        split = decoder_step.stream_linear_split(n, k, x.device)
+                        label = "x".join(map(str, tile)) + f"/split{split}"
+                        row[label] = {"us": us, "rel_diff": diff, "programs_per_sm": per_sm}
+                        line += f" | {label} {us:7.2f} ({diff:.0e})"
                 print(line, flush=True)
                 results.append(row)
             del weights
