@@ -43,6 +43,7 @@ STREAM_LINEAR_TILE = (64, 128, 4, 4)  # weight rows per program, K per iteration
 # is only 80 weight blocks, too few programs to keep enough bytes in flight. The last slice to finish
 # sums the slices' fp32 partials in slice order, so results do not depend on which finishes first.
 STREAM_LINEAR_PROGRAMS_PER_SM = 2
+STREAM_LINEAR_MIN_SLICE = 4  # K tiles per slice at least
 # the MLP's SiLU(gate) * up computed inside a streamed down projection (False: its own kernel first)
 SILU_MUL_IN_DOWN = True
 
@@ -255,16 +256,19 @@ def silu_mul(gate, up, use_triton=None):
     return out
 
 
+_SPLIT_COUNTERS = 4096  # weight blocks a split product may have
+_split_counters_by_device: dict[torch.device, torch.Tensor] = {}
+
+
 def _split_counters(device: torch.device) -> torch.Tensor:
     """Arrival counters of split products, zero between launches (each last slice rearms its own).
-    Created by the first split product on a device, which must not be inside a graph capture."""
+    Created by the first split product on a device, outside any graph capture (a capture would leave
+    them unfilled until its first replay)."""
     if device not in _split_counters_by_device:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("run a split stream_linear once before capturing it in a CUDA graph")
         _split_counters_by_device[device] = torch.zeros(_SPLIT_COUNTERS, device=device, dtype=torch.int32)
     return _split_counters_by_device[device]
-
-
-_split_counters_by_device: dict[torch.device, torch.Tensor] = {}
-_SPLIT_COUNTERS = 4096  # weight blocks a split product may have
 
 
 @functools.cache
@@ -275,12 +279,12 @@ def _sm_count(device: torch.device) -> int:
 
 def stream_linear_split(n: int, k: int, device: torch.device) -> int:
     """K slices for an [n, k] weight: enough to reach about STREAM_LINEAR_PROGRAMS_PER_SM programs per
-    SM, each slice at least four K tiles."""
+    SM, each slice at least STREAM_LINEAR_MIN_SLICE K tiles."""
     block_n, block_k = STREAM_LINEAR_TILE[:2]
     blocks, k_tiles = triton.cdiv(n, block_n), triton.cdiv(k, block_k)
     if blocks > _SPLIT_COUNTERS:
         return 1
-    return max(1, min(STREAM_LINEAR_PROGRAMS_PER_SM * _sm_count(device) // blocks, k_tiles // 4))
+    return max(1, min(STREAM_LINEAR_PROGRAMS_PER_SM * _sm_count(device) // blocks, k_tiles // STREAM_LINEAR_MIN_SLICE))
 
 
 def _streams(x, weight) -> bool:
