@@ -191,9 +191,6 @@ def check_decoder_step(results: dict) -> None:
         for name, got in (("stream_linear", repeats[0]), ("unsplit", unsplit), ("cublas", F.linear(x, weight))):
             out[f"{name}_{rows}_rows_rel_error"] = ((got.float() - want).norm() / want.norm()).item()
         out[f"stream_linear_{rows}_rows_repeats_identical"] = all(torch.equal(r, repeats[0]) for r in repeats)
-        gate, up = torch.randn(rows, inner, **bf16), torch.randn(rows, inner, **bf16)
-        fused = ds.silu_mul_linear(gate, up, weight)
-        out[f"silu_mul_linear_{rows}_rows_identical"] = torch.equal(fused, ds.stream_linear(ds.silu_mul(gate, up), weight))
     print("decoder step", out, flush=True)
     results["decoder_step"] = out
 

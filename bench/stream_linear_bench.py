@@ -75,7 +75,7 @@ def main() -> None:
                         got = decoder_step.stream_linear(x, weights[0], biases[0]).float()
                         us = time_products(decoder_step.stream_linear, weights, biases, x)
                         diff = ((got - want).norm() / want.norm()).item()
-                        split = decoder_step.stream_linear_split(n, k, x.device)
+                        split = decoder_step.stream_linear_split(rows, n, k, x.device)
                         label = "x".join(map(str, tile)) + f"/split{split}"
                         row[label] = {"us": us, "rel_diff": diff, "programs_per_sm": per_sm}
                         line += f" | {label} {us:7.2f} ({diff:.0e})"

@@ -7,8 +7,7 @@ decode step on an H200. Here each piece is one kernel:
 - rope_write_kv: rotary embedding of q and k, k and v stored in the paged cache,
 - silu_mul: the MLP's SiLU(gate) * up,
 - stream_linear: a few rows' projection as a Triton weight stream that launches as a dependent, so
-  it starts while the kernel before it finishes (cuBLAS launches cannot); silu_mul_linear the same
-  with the MLP's SiLU(gate) * up computed inside the down projection.
+  it starts while the kernel before it finishes (cuBLAS launches cannot).
 Each rounds to the model's dtype where the eager code does, so the residual add, the rotary
 embedding and the cache write are bit-identical to it; the norm and SiLU may differ in the last
 bit (reduction order, exp). The references are the model's own modules and functions.
@@ -35,17 +34,18 @@ except ImportError:  # the references still work without triton
 # launch the kernels as programmatic dependents of the previous kernel (Hopper), see dispatch.py
 PDL = True
 # products of at most this many rows take stream_linear, cuBLAS above (0: always); the rows are padded
-# to 16 (32) anyway. H100, decode step at 2 / 32 sequences 9.97 vs 10.85 / 11.89 vs 12.36 ms, none at
-# 64: backbone_split_h100_s21.json
+# to 16 (32) anyway. H100, decode step at 32 sequences 11.52-11.55 vs 11.92 ms with cuBLAS, none at
+# 64: backbone_nofold_h100_s21.json, backbone_split_h100_s21.json
 STREAM_LINEAR_MAX_ROWS = 32
 STREAM_LINEAR_TILE = (64, 128, 4, 4)  # weight rows per program, K per iteration, warps, stages
 # split K until a product has about this many programs per SM (0: never split): a 5120-wide output
 # is only 80 weight blocks, too few programs to keep enough bytes in flight. The last slice to finish
 # sums the slices' fp32 partials in slice order, so results do not depend on which finishes first.
+# H100 decode step, 2 sequences: 9.71 vs 9.78 ms (9.97 vs 10.11 on another); 32: 11.67 vs 11.53, so
+# only up to STREAM_LINEAR_SPLIT_MAX_ROWS rows.
 STREAM_LINEAR_PROGRAMS_PER_SM = 2
+STREAM_LINEAR_SPLIT_MAX_ROWS = 16
 STREAM_LINEAR_MIN_SLICE = 4  # K tiles per slice at least
-# the MLP's SiLU(gate) * up computed inside a streamed down projection (False: its own kernel first)
-SILU_MUL_IN_DOWN = True
 
 # ---------------------------------------------------------------------------------------------
 # torch references
@@ -143,13 +143,6 @@ if triton is not None:
         tl.store(dst + i, _round_to(out, x.dtype).to(x.dtype))
 
     @triton.jit
-    def _silu_times(g, u):
-        """SiLU(g) * u in float32, each step rounded to g's dtype as the eager module rounds it."""
-        g32 = g.to(tl.float32)
-        silu = _round_to(g32 / (1.0 + tl.exp(-g32)), g.dtype)
-        return _round_to(silu * u.to(tl.float32), g.dtype)
-
-    @triton.jit
     def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, N, stride_g, stride_u, BLOCK: tl.constexpr, PDL: tl.constexpr):
         await_predecessor(PDL)
         row = tl.program_id(0).to(tl.int64)
@@ -157,18 +150,19 @@ if triton is not None:
         mask = cols < N
         g = tl.load(gate_ptr + row * stride_g + cols, mask=mask, other=0.0)
         u = tl.load(up_ptr + row * stride_u + cols, mask=mask, other=0.0)
-        tl.store(out_ptr + row * N + cols, _silu_times(g, u).to(g.dtype), mask=mask)
+        g32 = g.to(tl.float32)
+        silu = _round_to(g32 / (1.0 + tl.exp(-g32)), g.dtype)
+        tl.store(out_ptr + row * N + cols, _round_to(silu * u.to(tl.float32), g.dtype).to(g.dtype), mask=mask)
 
 
     @triton.jit
     def _stream_linear_kernel(
-        x_ptr, up_ptr, w_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, K_SLICE, stride_xm, stride_um,
-        stride_wn, stride_om, SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
+        x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, K_SLICE, stride_xm, stride_wn, stride_om,
+        HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        SPLIT: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """out[:M, n-block] = x @ w[n-block].T (+ bias): the weight block is the dot's left operand and
         the rows, padded to ROWS >= 16 with zeros, its right one, so the tensor cores take any M.
-        With SILU_MUL, x is SiLU(x) * up, computed tile by tile as silu_mul computes it.
         With SPLIT > 1, program (n, s) takes K slice s and the last slice of a block to arrive sums all
         slices' partials (fp32, [SPLIT, ROWS, N] at part_ptr) in slice order, then rearms its counter."""
         pid_n = tl.program_id(0)
@@ -183,10 +177,7 @@ if triton is not None:
         for k in range(k_start, k_end, BLOCK_K):
             kk = k + rk
             w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_ok[:, None] & (kk[None, :] < k_end), other=0.0)
-            x_mask = (rm[None, :] < M) & (kk[:, None] < k_end)
-            xt = tl.load(x_ptr + rm[None, :] * stride_xm + kk[:, None], mask=x_mask, other=0.0)
-            if SILU_MUL:
-                xt = _silu_times(xt, tl.load(up_ptr + rm[None, :] * stride_um + kk[:, None], mask=x_mask, other=0.0))
+            xt = tl.load(x_ptr + rm[None, :] * stride_xm + kk[:, None], mask=(rm[None, :] < M) & (kk[:, None] < k_end), other=0.0)
             acc = tl.dot(w, xt.to(w.dtype), acc)
         out_mask = n_ok[:, None] & (rm[None, :] < M)
         if SPLIT > 1:
@@ -277,55 +268,37 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def stream_linear_split(n: int, k: int, device: torch.device) -> int:
-    """K slices for an [n, k] weight: enough to reach about STREAM_LINEAR_PROGRAMS_PER_SM programs per
-    SM, each slice at least STREAM_LINEAR_MIN_SLICE K tiles."""
+def stream_linear_split(m: int, n: int, k: int, device: torch.device) -> int:
+    """K slices for m rows and an [n, k] weight: enough to reach about STREAM_LINEAR_PROGRAMS_PER_SM
+    programs per SM, each slice at least STREAM_LINEAR_MIN_SLICE K tiles."""
     block_n, block_k = STREAM_LINEAR_TILE[:2]
     blocks, k_tiles = triton.cdiv(n, block_n), triton.cdiv(k, block_k)
-    if blocks > _SPLIT_COUNTERS:
+    if blocks > _SPLIT_COUNTERS or m > STREAM_LINEAR_SPLIT_MAX_ROWS:
         return 1
     return max(1, min(STREAM_LINEAR_PROGRAMS_PER_SM * _sm_count(device) // blocks, k_tiles // STREAM_LINEAR_MIN_SLICE))
-
-
-def _streams(x, weight) -> bool:
-    """Whether stream_linear takes x @ weight.T, or cuBLAS does."""
-    half = weight.dtype in (torch.bfloat16, torch.float16)  # float32 would take the dot's tf32 rounding
-    small = weight.numel() < 2**31  # the kernel's offsets are 32-bit
-    unit_k = x.stride(1) == 1 and weight.stride(1) == 1  # the kernel steps through K one element at a time
-    return half and small and unit_k and 0 < x.shape[0] <= STREAM_LINEAR_MAX_ROWS
 
 
 def stream_linear(x, weight, bias=None, use_triton=None):
     """F.linear for at most STREAM_LINEAR_MAX_ROWS rows of 16-bit floats (cuBLAS above, for float32, or
     when it is 0); x [M, K] and weight [N, K] with unit stride in K (cuBLAS otherwise).
     Split products share per-device counters: they must not run on two streams of a device at once."""
-    if not (runs_triton(x, use_triton) and _streams(x, weight)):
+    m, k = x.shape
+    half = weight.dtype in (torch.bfloat16, torch.float16)  # float32 would take the dot's tf32 rounding
+    small = weight.numel() < 2**31  # the kernel's offsets are 32-bit
+    unit_k = x.stride(1) == 1 and weight.stride(1) == 1  # the kernel steps through K one element at a time
+    if not (runs_triton(x, use_triton) and half and small and unit_k and 0 < m <= STREAM_LINEAR_MAX_ROWS):
         return stream_linear_reference(x, weight, bias)
-    return _launch_stream_linear(x, None, weight, bias)
-
-
-def silu_mul_linear(gate, up, weight, bias=None, use_triton=None):
-    """stream_linear(silu_mul(gate, up), weight, bias) with SiLU(gate) * up computed inside the product
-    (one kernel fewer, the same bits) where stream_linear would stream; gate and up share a row stride."""
-    fused = SILU_MUL_IN_DOWN and up.stride() == gate.stride()
-    if not (fused and runs_triton(gate, use_triton) and _streams(gate, weight)):
-        return stream_linear(silu_mul(gate, up, use_triton=use_triton), weight, bias, use_triton=use_triton)
-    return _launch_stream_linear(gate, up, weight, bias)
-
-
-def _launch_stream_linear(x, up, weight, bias):
-    (m, k), n = x.shape, weight.shape[0]
+    n = weight.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=weight.dtype)
     block_n, block_k, warps, stages = STREAM_LINEAR_TILE
     rows = max(16, triton.next_power_of_2(m))
-    k_slice = triton.cdiv(triton.cdiv(k, block_k), stream_linear_split(n, k, x.device)) * block_k
+    k_slice = triton.cdiv(triton.cdiv(k, block_k), stream_linear_split(m, n, k, x.device)) * block_k
     split = triton.cdiv(k, k_slice)  # no empty slice
     parts = torch.empty(split, rows, n, device=x.device, dtype=torch.float32) if split > 1 else out
     counters = _split_counters(x.device) if split > 1 else out
     _stream_linear_kernel[(triton.cdiv(n, block_n), split)](
-        x, up if up is not None else x, weight, bias if bias is not None else weight, out, parts, counters,
-        m, n, k, k_slice, x.stride(0), (up if up is not None else x).stride(0), weight.stride(0), out.stride(0),
-        SILU_MUL=up is not None, HAS_BIAS=bias is not None, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k,
-        SPLIT=split, num_warps=warps, num_stages=stages, **_pdl_launch(x),
+        x, weight, bias if bias is not None else weight, out, parts, counters, m, n, k, k_slice,
+        x.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, ROWS=rows, BLOCK_N=block_n,
+        BLOCK_K=block_k, SPLIT=split, num_warps=warps, num_stages=stages, **_pdl_launch(x),
     )  # fmt: skip
     return out

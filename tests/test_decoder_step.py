@@ -72,29 +72,18 @@ def test_stream_linear_matches_a_float64_product(monkeypatch, rows, with_bias):
 
 
 @pytest.mark.parametrize("rows", [1, 3])
-def test_stream_linear_split_k_is_deterministic_and_rearms_its_counters(monkeypatch, rows):
+def test_stream_linear_split_k_matches_and_rearms_its_counters(monkeypatch, rows):
     monkeypatch.setattr(decoder_step, "STREAM_LINEAR_MAX_ROWS", 4)
     monkeypatch.setattr(decoder_step, "STREAM_LINEAR_TILE", (16, 32, 4, 2))
     monkeypatch.setattr(decoder_step, "STREAM_LINEAR_PROGRAMS_PER_SM", 12)  # 3 weight blocks x 4 slices
     x, weight, bias = torch.randn(rows, 520).half(), torch.randn(40, 520).half(), torch.randn(40).half()
-    assert decoder_step.stream_linear_split(40, 520, x.device) == 4  # 17 K tiles: slices of 5, 5, 5 and 2
+    assert decoder_step.stream_linear_split(rows, 40, 520, x.device) == 4  # 17 K tiles: slices of 5, 5, 5 and 2
+    assert decoder_step.stream_linear_split(17, 40, 520, x.device) == 1  # above STREAM_LINEAR_SPLIT_MAX_ROWS
     want = x.double() @ weight.double().T + bias.double()
     got = stream_linear(x, weight, bias, use_triton=True)
     assert rel(got.double(), want) < 1e-3
     assert torch.equal(stream_linear(x, weight, bias, use_triton=True), got)
     assert not decoder_step._split_counters(x.device).any()
-
-
-@pytest.mark.parametrize("rows,split", [(2, 0), (3, 12), (6, 0)])
-def test_silu_mul_linear_is_the_down_projection_of_silu_mul(monkeypatch, rows, split):
-    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_MAX_ROWS", 4)  # 6 rows: silu_mul, then cuBLAS
-    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_TILE", (16, 32, 4, 2))
-    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_PROGRAMS_PER_SM", split)
-    gate, up = (torch.randn(rows, 2 * 200) * 3).half().chunk(2, dim=1)  # views of one gate/up product
-    weight, bias = torch.randn(40, 200).half(), torch.randn(40).half()
-    got = decoder_step.silu_mul_linear(gate, up, weight, bias, use_triton=True)
-    want = stream_linear(silu_mul(gate, up, use_triton=True), weight, bias, use_triton=True)
-    assert torch.equal(got, want)
 
 
 def test_stream_linear_leaves_more_rows_float32_and_strided_k_to_torch(monkeypatch):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.decoder_step import add_rms_norm, rope_write_kv, silu_mul_linear, stream_linear
+from kernels.decoder_step import add_rms_norm, rope_write_kv, silu_mul, stream_linear
 from kernels.paged_attention import paged_attention, write_kv
 from model.bundle import ModelBundle
 from model.rope import apply_rotary
@@ -143,8 +143,8 @@ class ModelRunner:
 
     def _forward_fused(self, x, positions, slots, tables, seq_lens, starts, last_rows) -> torch.Tensor:
         """forward() with the glue fused (kernels.decoder_step): one kernel each for residual add +
-        RMSNorm, rotary embedding + cache write, and SiLU * up (inside the down projection where that
-        streams); products of a few rows (decode steps of a few images) as stream_linear weight streams."""
+        RMSNorm, rotary embedding + cache write, and SiLU * up; products of a few rows (decode steps
+        of a few images) as stream_linear weight streams."""
         model, use = self.model, self.fused_kernels
         cos, sin = model.rotary.cos_sin(positions, x.dtype)
         total = x.shape[0]
@@ -160,7 +160,7 @@ class ModelRunner:
             x, h = add_rms_norm(x, o, layer.post_attention_layernorm, use_triton=use)
             gate, up = proj.gate_up(h, use).chunk(2, dim=1)
             down = layer.mlp.down_proj
-            delta = silu_mul_linear(gate, up, down.weight, down.bias, use_triton=use)
+            delta = stream_linear(silu_mul(gate, up, use_triton=use), down.weight, down.bias, use_triton=use)
             if i + 1 < len(layers):
                 x, h = add_rms_norm(x, delta, layers[i + 1].input_layernorm, use_triton=use)
             else:
