@@ -184,9 +184,9 @@ def check_decoder_step(results: dict) -> None:
     for rows in (2, 16, 32):  # stream_linear against a float32 product, the MLP's down projection
         x, weight = torch.randn(rows, inner, **bf16), torch.randn(hidden, inner, **bf16) / inner**0.5
         want = x.float() @ weight.float().T
-        per_sm, ds.STREAM_LINEAR_PROGRAMS_PER_SM = ds.STREAM_LINEAR_PROGRAMS_PER_SM, 0
+        previous = apply_settings(parse_settings("decoder_step.STREAM_LINEAR_PROGRAMS_PER_SM=0"))
         unsplit = ds.stream_linear(x, weight)
-        ds.STREAM_LINEAR_PROGRAMS_PER_SM = per_sm
+        apply_settings(previous)
         repeats = [ds.stream_linear(x, weight) for _ in range(50)]  # split K: sums in slice order
         for name, got in (("stream_linear", repeats[0]), ("unsplit", unsplit), ("cublas", F.linear(x, weight))):
             out[f"{name}_{rows}_rows_rel_error"] = ((got.float() - want).norm() / want.norm()).item()
