@@ -191,6 +191,12 @@ def check_decoder_step(results: dict) -> None:
         for name, got in (("stream_linear", repeats[0]), ("unsplit", unsplit), ("cublas", F.linear(x, weight))):
             out[f"{name}_{rows}_rows_rel_error"] = ((got.float() - want).norm() / want.norm()).item()
         out[f"stream_linear_{rows}_rows_repeats_identical"] = all(torch.equal(r, repeats[0]) for r in repeats)
+    for rows in (2, 16, 32):  # SiLU * up in the gate/up product's epilogue against the two kernels
+        h, weight = torch.randn(rows, hidden, **bf16), torch.randn(2 * inner, hidden, **bf16) / hidden**0.5
+        gate, up = ds.stream_linear(h, weight).chunk(2, dim=1)
+        out[f"stream_linear_silu_mul_{rows}_rows_identical"] = torch.equal(
+            ds.stream_linear_silu_mul(h, weight), ds.silu_mul(gate, up)
+        )
     print("decoder step", out, flush=True)
     results["decoder_step"] = out
 

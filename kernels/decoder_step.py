@@ -7,7 +7,8 @@ decode step on an H200. Here each piece is one kernel:
 - rope_write_kv: rotary embedding of q and k, k and v stored in the paged cache,
 - silu_mul: the MLP's SiLU(gate) * up,
 - stream_linear: a few rows' projection as a Triton weight stream that launches as a dependent, so
-  it starts while the kernel before it finishes (cuBLAS launches cannot).
+  it starts while the kernel before it finishes (cuBLAS launches cannot); stream_linear_silu_mul:
+  the MLP's gate/up product with silu_mul in its epilogue.
 Each rounds to the model's dtype where the eager code does, so the residual add, the rotary
 embedding and the cache write are bit-identical to it; the norm and SiLU may differ in the last
 bit (reduction order, exp). The references are the model's own modules and functions.
@@ -46,6 +47,9 @@ STREAM_LINEAR_TILE = (64, 128, 4, 4)  # weight rows per program, K per iteration
 STREAM_LINEAR_PROGRAMS_PER_SM = 2
 STREAM_LINEAR_SPLIT_MAX_ROWS = 16
 STREAM_LINEAR_MIN_SLICE = 4  # K tiles per slice at least
+# the MLP's SiLU(gate) * up in the epilogue of the gate/up stream product (a block streams half gate,
+# half the matching up rows, as many programs as the plain product): one dependent launch fewer per layer
+STREAM_LINEAR_SILU = True
 
 # ---------------------------------------------------------------------------------------------
 # torch references
@@ -158,44 +162,62 @@ if triton is not None:
     @triton.jit
     def _stream_linear_kernel(
         x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, K_SLICE, stride_xm, stride_wn, stride_om,
-        HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        SPLIT: tl.constexpr, PDL: tl.constexpr,
+        HAS_BIAS: tl.constexpr, GLU: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """out[:M, n-block] = x @ w[n-block].T (+ bias): the weight block is the dot's left operand and
         the rows, padded to ROWS >= 16 with zeros, its right one, so the tensor cores take any M.
         With SPLIT > 1, program (n, s) takes K slice s and the last slice of a block to arrive sums all
-        slices' partials (fp32, [SPLIT, ROWS, N] at part_ptr) in slice order, then rearms its counter."""
+        slices' partials (fp32, [SPLIT, ROWS, weight rows] at part_ptr) in slice order, then rearms its
+        counter. GLU: w holds 2N rows, gate then up; a block is BLOCK_N // 2 gate rows and the matching
+        up rows, streamed as one tile, and out = SiLU(gate) * up rounded as silu_mul rounds it."""
         pid_n = tl.program_id(0)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        i = tl.arange(0, BLOCK_N)
+        if GLU:
+            rn = pid_n * (BLOCK_N // 2) + i % (BLOCK_N // 2)  # the output column of each weight row
+            rw = rn + (i // (BLOCK_N // 2)) * N  # its weight row: gate rows, then the matching up rows
+            weight_rows = 2 * N
+        else:
+            rn = pid_n * BLOCK_N + i
+            rw = rn
+            weight_rows = N
         rm = tl.arange(0, ROWS)
         rk = tl.arange(0, BLOCK_K)
-        n_ok = rn < N
+        w_ok = rn < N
+        row_ok = rm[None, :] < M
         k_start = tl.program_id(1) * K_SLICE
         k_end = tl.minimum(k_start + K_SLICE, K)
         await_predecessor(PDL)
         acc = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
         for k in range(k_start, k_end, BLOCK_K):
             kk = k + rk
-            w = tl.load(w_ptr + rn[:, None] * stride_wn + kk[None, :], mask=n_ok[:, None] & (kk[None, :] < k_end), other=0.0)
-            xt = tl.load(x_ptr + rm[None, :] * stride_xm + kk[:, None], mask=(rm[None, :] < M) & (kk[:, None] < k_end), other=0.0)
+            w_mask = w_ok[:, None] & (kk[None, :] < k_end)
+            w = tl.load(w_ptr + rw[:, None] * stride_wn + kk[None, :], mask=w_mask, other=0.0)
+            xt = tl.load(x_ptr + rm[None, :] * stride_xm + kk[:, None], mask=row_ok & (kk[:, None] < k_end), other=0.0)
             acc = tl.dot(w, xt.to(w.dtype), acc)
-        out_mask = n_ok[:, None] & (rm[None, :] < M)
         if SPLIT > 1:
-            parts = part_ptr + rm[None, :] * N + rn[:, None]
-            tl.store(parts + tl.program_id(1) * ROWS * N, acc, mask=out_mask)
+            parts = part_ptr + rm[None, :] * weight_rows + rw[:, None]
+            part_stride = ROWS * weight_rows
+            tl.store(parts + tl.program_id(1) * part_stride, acc, mask=w_ok[:, None] & row_ok)
             # acq_rel: this slice's partial is visible before it counts, the others' before the last reads
             arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
-            last = arrived == SPLIT - 1
             # broadcast before the &: the interpreter turns a bool tensor & a scalar bool into ints
-            out_mask = out_mask & (rm[None, :] * 0 + arrived == SPLIT - 1)
+            row_ok = row_ok & (rm[None, :] * 0 + arrived == SPLIT - 1)
             acc = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
             for s in tl.static_range(SPLIT):
-                acc += tl.load(parts + s * ROWS * N, mask=out_mask, other=0.0, cache_modifier=".cg")
-            tl.store(count_ptr + pid_n, 0, mask=last)
+                acc += tl.load(parts + s * part_stride, mask=w_ok[:, None] & row_ok, other=0.0, cache_modifier=".cg")
+            tl.store(count_ptr + pid_n, 0, mask=arrived == SPLIT - 1)
         if HAS_BIAS:
-            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            acc += tl.load(b_ptr + rw, mask=w_ok, other=0.0).to(tl.float32)[:, None]
+        if GLU:
+            dtype = out_ptr.dtype.element_ty
+            gate, up = tl.split(tl.permute(tl.reshape(acc, [2, BLOCK_N // 2, ROWS]), (1, 2, 0)))
+            gate = _round_to(gate, dtype)
+            silu = _round_to(gate / (1.0 + tl.exp(-gate)), dtype)
+            acc = _round_to(silu * _round_to(up, dtype), dtype)
+            rn = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         out = acc.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + rm[None, :] * stride_om + rn[:, None], out, mask=out_mask)
+        tl.store(out_ptr + rm[None, :] * stride_om + rn[:, None], out, mask=(rn < N)[:, None] & row_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,27 +300,46 @@ def stream_linear_split(m: int, n: int, k: int, device: torch.device) -> int:
     return max(1, min(STREAM_LINEAR_PROGRAMS_PER_SM * _sm_count(device) // blocks, k_tiles // STREAM_LINEAR_MIN_SLICE))
 
 
+def _streams(x, weight, use_triton) -> bool:
+    """Whether stream_linear's kernel takes this product (see stream_linear)."""
+    half = weight.dtype in (torch.bfloat16, torch.float16)  # float32 would take the dot's tf32 rounding
+    small = weight.numel() < 2**31  # the kernel's offsets are 32-bit
+    unit_k = x.stride(1) == 1 and weight.stride(1) == 1  # the kernel steps through K one element at a time
+    return runs_triton(x, use_triton) and half and small and unit_k and 0 < x.shape[0] <= STREAM_LINEAR_MAX_ROWS
+
+
+def _launch_stream_linear(x, weight, bias, glu: bool) -> torch.Tensor:
+    m, k = x.shape
+    rows_w = weight.shape[0]
+    n = rows_w // 2 if glu else rows_w
+    out = torch.empty(m, n, device=x.device, dtype=weight.dtype)
+    block_n, block_k, warps, stages = STREAM_LINEAR_TILE
+    rows = max(16, triton.next_power_of_2(m))
+    k_slice = triton.cdiv(triton.cdiv(k, block_k), stream_linear_split(m, rows_w, k, x.device)) * block_k
+    split = triton.cdiv(k, k_slice)  # no empty slice
+    parts = torch.empty(split, rows, rows_w, device=x.device, dtype=torch.float32) if split > 1 else out
+    counters = _split_counters(x.device) if split > 1 else out
+    _stream_linear_kernel[(triton.cdiv(rows_w, block_n), split)](
+        x, weight, bias if bias is not None else weight, out, parts, counters, m, n, k, k_slice,
+        x.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, GLU=glu, ROWS=rows,
+        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, num_warps=warps, num_stages=stages, **_pdl_launch(x),
+    )  # fmt: skip
+    return out
+
+
 def stream_linear(x, weight, bias=None, use_triton=None):
     """F.linear for at most STREAM_LINEAR_MAX_ROWS rows of 16-bit floats (cuBLAS above, for float32, or
     when it is 0); x [M, K] and weight [N, K] with unit stride in K (cuBLAS otherwise).
     Split products share per-device counters: they must not run on two streams of a device at once."""
-    m, k = x.shape
-    half = weight.dtype in (torch.bfloat16, torch.float16)  # float32 would take the dot's tf32 rounding
-    small = weight.numel() < 2**31  # the kernel's offsets are 32-bit
-    unit_k = x.stride(1) == 1 and weight.stride(1) == 1  # the kernel steps through K one element at a time
-    if not (runs_triton(x, use_triton) and half and small and unit_k and 0 < m <= STREAM_LINEAR_MAX_ROWS):
+    if not _streams(x, weight, use_triton):
         return stream_linear_reference(x, weight, bias)
-    n = weight.shape[0]
-    out = torch.empty(m, n, device=x.device, dtype=weight.dtype)
-    block_n, block_k, warps, stages = STREAM_LINEAR_TILE
-    rows = max(16, triton.next_power_of_2(m))
-    k_slice = triton.cdiv(triton.cdiv(k, block_k), stream_linear_split(m, n, k, x.device)) * block_k
-    split = triton.cdiv(k, k_slice)  # no empty slice
-    parts = torch.empty(split, rows, n, device=x.device, dtype=torch.float32) if split > 1 else out
-    counters = _split_counters(x.device) if split > 1 else out
-    _stream_linear_kernel[(triton.cdiv(n, block_n), split)](
-        x, weight, bias if bias is not None else weight, out, parts, counters, m, n, k, k_slice,
-        x.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, ROWS=rows, BLOCK_N=block_n,
-        BLOCK_K=block_k, SPLIT=split, num_warps=warps, num_stages=stages, **_pdl_launch(x),
-    )  # fmt: skip
-    return out
+    return _launch_stream_linear(x, weight, bias, glu=False)
+
+
+def stream_linear_silu_mul(x, weight, bias=None, use_triton=None):
+    """silu_mul(gate, up) of the two halves of F.linear(x, weight, bias) (the MLP's joined gate and up
+    products): one kernel where stream_linear takes x and STREAM_LINEAR_SILU is on, else the two."""
+    if not (STREAM_LINEAR_SILU and _streams(x, weight, use_triton)) or weight.shape[0] % 2:
+        gate, up = stream_linear(x, weight, bias, use_triton=use_triton).chunk(2, dim=1)
+        return silu_mul(gate, up, use_triton=use_triton)
+    return _launch_stream_linear(x, weight, bias, glu=True)

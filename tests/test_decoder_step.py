@@ -13,6 +13,7 @@ from kernels.decoder_step import (
     silu_mul,
     silu_mul_reference,
     stream_linear,
+    stream_linear_silu_mul,
 )
 from model.decoder import RMSNorm
 from model.rope import RotaryEmbedding
@@ -84,6 +85,24 @@ def test_stream_linear_split_k_matches_and_rearms_its_counters(monkeypatch, rows
     assert rel(got.double(), want) < 1e-3
     assert torch.equal(stream_linear(x, weight, bias, use_triton=True), got)
     assert not decoder_step._split_counters(x.device).any()
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("programs_per_sm", [0, 12])
+def test_stream_linear_silu_mul_equals_the_product_then_silu_mul(monkeypatch, rows, programs_per_sm):
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_MAX_ROWS", 4)
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_TILE", (16, 32, 4, 2))
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_PROGRAMS_PER_SM", programs_per_sm)  # 12: 4 K slices
+    # 20 outputs: blocks of 8 gate rows and their 8 up rows, the last block ragged
+    x, weight, bias = torch.randn(rows, 520).half(), torch.randn(40, 520).half(), torch.randn(40).half()
+    got = stream_linear_silu_mul(x, weight, bias, use_triton=True)
+    gate, up = stream_linear(x, weight, bias, use_triton=True).chunk(2, dim=1)
+    assert got.shape == (rows, 20) and torch.equal(got, silu_mul(gate, up, use_triton=True))
+    gate, up = (x.double() @ weight.double().T + bias.double()).chunk(2, dim=1)
+    assert rel(got.double(), silu_mul_reference(gate, up)) < 2e-3
+    assert not decoder_step._split_counters(x.device).any()
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_SILU", False)  # two kernels, the same result
+    assert torch.equal(stream_linear_silu_mul(x, weight, bias, use_triton=True), got)
 
 
 def test_stream_linear_leaves_more_rows_float32_and_strided_k_to_torch(monkeypatch):

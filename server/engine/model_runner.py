@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.decoder_step import add_rms_norm, rope_write_kv, silu_mul, stream_linear
+from kernels.decoder_step import add_rms_norm, rope_write_kv, stream_linear, stream_linear_silu_mul
 from kernels.paged_attention import paged_attention, write_kv
 from model.bundle import ModelBundle
 from model.rope import apply_rotary
@@ -158,9 +158,8 @@ class ModelRunner:
             out = paged_attention(q, self.k_cache[i], self.v_cache[i], tables, seq_lens, starts, backend=self.attention_backend)
             o = stream_linear(out.view(total, -1), attn.o_proj.weight, attn.o_proj.bias, use_triton=use)
             x, h = add_rms_norm(x, o, layer.post_attention_layernorm, use_triton=use)
-            gate, up = proj.gate_up(h, use).chunk(2, dim=1)
             down = layer.mlp.down_proj
-            delta = stream_linear(silu_mul(gate, up, use_triton=use), down.weight, down.bias, use_triton=use)
+            delta = stream_linear(proj.gate_up_silu(h, use), down.weight, down.bias, use_triton=use)
             if i + 1 < len(layers):
                 x, h = add_rms_norm(x, delta, layers[i + 1].input_layernorm, use_triton=use)
             else:
@@ -207,8 +206,9 @@ class FusedProjections:
     def qkv(self, h, use_triton=None):
         return stream_linear(h, self.qkv_weight, self.qkv_bias, use_triton=use_triton)
 
-    def gate_up(self, h, use_triton=None):
-        return stream_linear(h, self.gate_up_weight, self.gate_up_bias, use_triton=use_triton)
+    def gate_up_silu(self, h, use_triton=None):
+        """The MLP's SiLU(gate) * up."""
+        return stream_linear_silu_mul(h, self.gate_up_weight, self.gate_up_bias, use_triton=use_triton)
 
 
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 384, 512)
