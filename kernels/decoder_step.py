@@ -28,7 +28,7 @@ try:
     import triton
     import triton.language as tl
 
-    from kernels.dispatch import await_predecessor
+    from kernels.dispatch import await_predecessor, prefetch_l2
 except ImportError:  # the references still work without triton
     triton = None
 
@@ -195,10 +195,7 @@ if triton is not None:
         k_end = tl.minimum(k_start + K_SLICE, K)
         if PREFETCH_LINES > 0:  # weights do not depend on the previous kernel: ask L2 for the first lines now
             line = k_start + tl.arange(0, PREFETCH_LINES) * 64  # 128-byte lines of 16-bit weights
-            lines = w_ptr + tl.where(w_ok, rw, 0)[:, None] * stride_wn + tl.minimum(line, K - 1)[None, :]
-            tl.inline_asm_elementwise(
-                "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [lines], dtype=tl.int32, is_pure=False, pack=1
-            )
+            prefetch_l2(w_ptr + tl.where(w_ok, rw, 0)[:, None] * stride_wn + tl.minimum(line, K - 1)[None, :])
         await_predecessor(PDL)
         acc = tl.zeros([BLOCK_N, ROWS], dtype=tl.float32)
         for k in range(k_start, k_end, BLOCK_K):

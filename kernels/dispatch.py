@@ -42,3 +42,12 @@ if triton is not None:
         if PDL:
             gdc_wait()
             gdc_launch_dependents()
+
+    @triton.jit
+    def prefetch_l2(pointers):
+        """Ask L2 for the 128-byte lines at pointers (CUDA; nothing is held, nothing waits). Before the
+        dependent-launch wait it starts the stream of inputs the previous kernel does not write; L2 is
+        where writes land, so a line the previous kernel then writes is not left stale."""
+        tl.inline_asm_elementwise(
+            "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [pointers], dtype=tl.int32, is_pure=False, pack=1
+        )
