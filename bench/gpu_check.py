@@ -6,7 +6,8 @@
    against the reference on fresh random inputs (relative error), and its time.
 2. The decoder-step kernels at the real shapes (bf16) against the model's own modules: rotary
    embedding, cache write and residual add bit-identical, norms and SiLU relative error; the few-row
-   stream product and cuBLAS against a float32 product.
+   stream product and cuBLAS against a float32 product, and the stream product with SiLU * up in its
+   epilogue against the product followed by silu_mul (bit-identical).
 3. Engine vs reference generator on the GPU (tiny preset, float32 and bfloat16): largest token
    and pixel differences over a mixed batch.
 """
