@@ -153,6 +153,13 @@ if triton is not None:
         tl.store(dst + i, _round_to(out, x.dtype).to(x.dtype))
 
     @triton.jit
+    def _silu_times(g, u, DTYPE: tl.constexpr):
+        """SiLU(g) * u for float32 g and u holding DTYPE values, each step rounded to DTYPE as the eager
+        module rounds it (silu_mul and the gate/up stream product's epilogue share it)."""
+        silu = _round_to(g / (1.0 + tl.exp(-g)), DTYPE)
+        return _round_to(silu * u, DTYPE)
+
+    @triton.jit
     def _silu_mul_kernel(gate_ptr, up_ptr, out_ptr, N, stride_g, stride_u, BLOCK: tl.constexpr, PDL: tl.constexpr):
         await_predecessor(PDL)
         row = tl.program_id(0).to(tl.int64)
@@ -160,9 +167,8 @@ if triton is not None:
         mask = cols < N
         g = tl.load(gate_ptr + row * stride_g + cols, mask=mask, other=0.0)
         u = tl.load(up_ptr + row * stride_u + cols, mask=mask, other=0.0)
-        g32 = g.to(tl.float32)
-        silu = _round_to(g32 / (1.0 + tl.exp(-g32)), g.dtype)
-        tl.store(out_ptr + row * N + cols, _round_to(silu * u.to(tl.float32), g.dtype).to(g.dtype), mask=mask)
+        out = _silu_times(g.to(tl.float32), u.to(tl.float32), g.dtype)
+        tl.store(out_ptr + row * N + cols, out.to(g.dtype), mask=mask)
 
 
     @triton.jit
@@ -221,9 +227,7 @@ if triton is not None:
         if GLU:
             dtype = out_ptr.dtype.element_ty
             gate, up = tl.split(tl.permute(tl.reshape(acc, [2, BLOCK_N // 2, ROWS]), (1, 2, 0)))
-            gate = _round_to(gate, dtype)
-            silu = _round_to(gate / (1.0 + tl.exp(-gate)), dtype)
-            acc = _round_to(silu * _round_to(up, dtype), dtype)
+            acc = _silu_times(_round_to(gate, dtype), _round_to(up, dtype), dtype)
             rn = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         out = acc.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rm[None, :] * stride_om + rn[:, None], out, mask=(rn < N)[:, None] & row_ok)
