@@ -6,8 +6,9 @@
    against the reference on fresh random inputs (relative error), and its time.
 2. The decoder-step kernels at the real shapes (bf16) against the model's own modules: rotary
    embedding, cache write and residual add bit-identical, norms and SiLU relative error; the few-row
-   stream product and cuBLAS against a float32 product, and the stream product with SiLU * up in its
-   epilogue against the product followed by silu_mul (bit-identical).
+   stream product and cuBLAS against a float32 product, the stream product with SiLU * up in its
+   epilogue against the product followed by silu_mul, and the o and down products' split partials
+   summed in add_rms_norm against the summed product then add_rms_norm (both bit-identical).
 3. Engine vs reference generator on the GPU (tiny preset, float32 and bfloat16): largest token
    and pixel differences over a mixed batch.
 """
@@ -192,6 +193,16 @@ def check_decoder_step(results: dict) -> None:
         for name, got in (("stream_linear", repeats[0]), ("unsplit", unsplit), ("cublas", F.linear(x, weight))):
             out[f"{name}_{rows}_rows_rel_error"] = ((got.float() - want).norm() / want.norm()).item()
         out[f"stream_linear_{rows}_rows_repeats_identical"] = all(torch.equal(r, repeats[0]) for r in repeats)
+    for rows in (2, 16):  # the o and down products' partials summed in add_rms_norm against the summed products
+        x, identical, left_partials = torch.randn(rows, hidden, **bf16), [], []
+        for k in (hidden, inner):
+            h, weight = torch.randn(rows, k, **bf16), torch.randn(hidden, k, **bf16) / k**0.5
+            partials = ds.stream_linear(h, weight, for_add_rms_norm=True)
+            left_partials.append(isinstance(partials, ds.SplitPartials))
+            got, want = ds.add_rms_norm(x, partials, norm), ds.add_rms_norm(x, ds.stream_linear(h, weight), norm)
+            identical.append(torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]))
+        out[f"split_sum_in_norm_{rows}_rows_identical"] = all(identical)
+        out[f"split_sum_in_norm_{rows}_rows_left_partials"] = all(left_partials)  # else the check above is moot
     for rows in (2, 16, 32):  # SiLU * up in the gate/up product's epilogue against the two kernels
         h, weight = torch.randn(rows, hidden, **bf16), torch.randn(2 * inner, hidden, **bf16) / hidden**0.5
         gate, up = ds.stream_linear(h, weight).chunk(2, dim=1)

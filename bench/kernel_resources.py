@@ -24,11 +24,12 @@ from triton.backends.compiler import GPUTarget
 from kernels import fused_head
 
 POINTERS = {"sample_ptr": "*fp32", "cfg_ptr": "*fp32", "cfg_img_ptr": "*fp32", "seed_ptr": "*i64",
-            "image_ptr": "*i64", "token_ptr": "*i64"}  # fmt: skip
+            "image_ptr": "*i64", "token_ptr": "*i64", "part_ptr": "*fp32", "count_ptr": "*i32"}  # fmt: skip
 FLOATS = {"eps", "a", "b", "c"}
-# integers the head's launches pass as multiples of 16 (Triton's launcher marks those divisible, as
-# it does 16-byte-aligned pointers: without the mark no load is vectorized)
-DIVISIBLE = {"N", "K", "stride_xm", "stride_wn", "stride_om", "stride_gm", "stride_rm", "stride_mod"}
+# integers the launches pass as multiples of 16 (Triton's launcher marks those divisible, as it does
+# 16-byte-aligned pointers: without the mark no load is vectorized); D and slice_stride are add_rms_norm's
+DIVISIBLE = {"N", "K", "stride_xm", "stride_wn", "stride_om", "stride_gm", "stride_rm", "stride_mod",
+             "D", "slice_stride"}  # fmt: skip
 # (name, epilogue, norm, affine, slots, K): the head's few-rows launches at its real width
 LAUNCHES = [
     ("input projection", fused_head.EPILOGUE_BIAS, False, False, 1, 64),
@@ -38,9 +39,11 @@ LAUNCHES = [
 ]
 
 
-def compile_for_sm90(kernel, constexprs: dict, num_warps: int):
+def compile_for_sm90(kernel, constexprs: dict, num_warps: int, pointers: dict | None = None, num_stages: int = 3):
     """kernel compiled for sm_90 as the head launches it: bf16 tensors, int32 scalars, pointers and
-    DIVISIBLE integers marked multiples of 16."""
+    DIVISIBLE integers marked multiples of 16. pointers: types beyond POINTERS, for pointers whose element
+    type depends on the launch (add_rms_norm's delta_ptr is fp32 partials after a split product)."""
+    types = POINTERS | (pointers or {})
     signature, attrs = {}, {}
     for index, name in enumerate(kernel.arg_names):
         if name in constexprs:
@@ -49,11 +52,12 @@ def compile_for_sm90(kernel, constexprs: dict, num_warps: int):
         if name.endswith("_ptr") or name in DIVISIBLE:
             attrs[(index,)] = [["tt.divisibility", 16]]
         if name.endswith("_ptr"):
-            signature[name] = POINTERS.get(name, "*bf16")
+            signature[name] = types.get(name, "*bf16")
         else:
             signature[name] = "fp32" if name in FLOATS else "i32"
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def resources(compiled) -> dict:

@@ -3,7 +3,7 @@
 Eager PyTorch spends ~35 small kernels per layer on the glue between the matrix products
 (RMSNorm alone is six, rotary embedding ten, the cache write two), about a third of a one-image
 decode step on an H200. Here each piece is one kernel:
-- add_rms_norm: the residual add and the next RMSNorm,
+- add_rms_norm: the residual add and the next RMSNorm (after a split stream_linear, the sum of its K slices too),
 - rope_write_kv: rotary embedding of q and k, k and v stored in the paged cache,
 - silu_mul: the MLP's SiLU(gate) * up,
 - stream_linear: a few rows' projection as a Triton weight stream that launches as a dependent, so
@@ -17,6 +17,7 @@ bit (reduction order, exp). The references are the model's own modules and funct
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,10 @@ STREAM_LINEAR_TILE = (64, 128, 4, 4)  # weight rows per program, K per iteration
 STREAM_LINEAR_PROGRAMS_PER_SM = 2
 STREAM_LINEAR_SPLIT_MAX_ROWS = 16
 STREAM_LINEAR_MIN_SLICE = 4  # K tiles per slice at least
+# split products whose output goes straight to add_rms_norm (o, down) only store their partials and add_rms_norm
+# sums them: no arrival atomic and no reload in the product, and add_rms_norm waits for all of it anyway.
+# Untimed (to be timed on a GPU); false restores the counters.
+STREAM_LINEAR_SUM_IN_NORM = True
 # the MLP's SiLU(gate) * up in the epilogue of the gate/up stream product (a block streams half gate,
 # half the matching up rows, as many programs as the plain product): one dependent launch fewer per
 # layer. H100 decode step, 16 sequences: 10.65-10.69 vs 10.70 ms; 2: within noise (9.72-9.76 vs 9.74)
@@ -105,9 +110,12 @@ if triton is not None:
 
     @triton.jit
     def _add_rms_norm_kernel(
-        x_ptr, delta_ptr, w_ptr, x_out_ptr, h_ptr, D, eps,
-        HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+        x_ptr, delta_ptr, bias_ptr, w_ptr, x_out_ptr, h_ptr, D, slice_stride, eps,
+        HAS_DELTA: tl.constexpr, SLICES: tl.constexpr, DELTA_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
+        """SLICES > 1: delta_ptr holds a split product's fp32 partials (SplitPartials, slice_stride apart) and
+        bias_ptr its bias (DELTA_BIAS), summed here exactly as the product's last slice would sum them."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < D
@@ -115,8 +123,18 @@ if triton is not None:
         await_predecessor(PDL)
         x = tl.load(x_ptr + row * D + cols, mask=mask, other=0.0)
         x32 = x.to(tl.float32)
-        if HAS_DELTA:  # rounded to the model's dtype, like x + delta
-            x32 = _round_to(x32 + tl.load(delta_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32), x.dtype)
+        if HAS_DELTA:
+            if SLICES > 1:
+                summed = tl.zeros([BLOCK], dtype=tl.float32)
+                for s in tl.static_range(SLICES):  # in slice order, as the product's last slice sums
+                    summed += tl.load(delta_ptr + s * slice_stride + row * D + cols, mask=mask, other=0.0)
+                if DELTA_BIAS:
+                    summed += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                # the conversion the product's store makes (not _round_to): each backend matches its own old path
+                delta = summed.to(x.dtype).to(tl.float32)
+            else:
+                delta = tl.load(delta_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+            x32 = _round_to(x32 + delta, x.dtype)  # rounded to the model's dtype, like x + delta
             tl.store(x_out_ptr + row * D + cols, x32.to(x.dtype), mask=mask)
         normed = _round_to(x32 / tl.sqrt(tl.sum(x32 * x32, axis=0) / D + eps), x.dtype)
         h = _round_to(w * normed, x.dtype)
@@ -175,14 +193,16 @@ if triton is not None:
     def _stream_linear_kernel(
         x_ptr, w_ptr, b_ptr, out_ptr, part_ptr, count_ptr, M, N, K, K_SLICE, stride_xm, stride_wn, stride_om,
         HAS_BIAS: tl.constexpr, GLU: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, PREFETCH_LINES: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, LEAVE_PARTIALS: tl.constexpr, PREFETCH_LINES: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
         """out[:M, n-block] = x @ w[n-block].T (+ bias): the weight block is the dot's left operand and
         the rows, padded to ROWS >= 16 with zeros, its right one, so the tensor cores take any M.
         With SPLIT > 1, program (n, s) takes K slice s and the last slice of a block to arrive sums all
         slices' partials (fp32, [SPLIT, ROWS, weight rows] at part_ptr) in slice order, then rearms its
-        counter. GLU: w holds 2N rows, gate then up; a block is BLOCK_N // 2 gate rows and the matching
-        up rows, streamed as one tile, and out = SiLU(gate) * up rounded as silu_mul rounds it."""
+        counter; with LEAVE_PARTIALS each slice only stores its partial (add_rms_norm sums them). GLU: w
+        holds 2N rows, gate then up; a block is BLOCK_N // 2 gate rows and the matching up rows, streamed
+        as one tile, and out = SiLU(gate) * up rounded as silu_mul rounds it."""
         pid_n = tl.program_id(0)
         i = tl.arange(0, BLOCK_N)
         if GLU:
@@ -214,6 +234,8 @@ if triton is not None:
             parts = part_ptr + rm[None, :] * weight_rows + rw[:, None]
             part_stride = ROWS * weight_rows
             tl.store(parts + tl.program_id(1) * part_stride, acc, mask=w_ok[:, None] & row_ok)
+            if LEAVE_PARTIALS:  # the consumer sums them (SplitPartials)
+                return
             # acq_rel: this slice's partial is visible before it counts, the others' before the last reads
             arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
             # broadcast before the &: the interpreter turns a bool tensor & a scalar bool into ints
@@ -242,16 +264,44 @@ def _pdl_launch(t: torch.Tensor) -> dict:
     return {"PDL": pdl, "launch_pdl": pdl}
 
 
+class SplitPartials(NamedTuple):
+    """A split stream_linear product left unsummed for add_rms_norm (stream_linear's for_add_rms_norm):
+    parts fp32 [SPLIT, ROWS, N] (rows from `rows` on unwritten), bias [N] or None, rows the product's M,
+    dtype its output's."""
+
+    parts: torch.Tensor
+    bias: torch.Tensor | None
+    rows: int
+    dtype: torch.dtype
+
+    def total(self) -> torch.Tensor:
+        """The product [rows, N] exactly as the split kernel's last slice stores it: the slices summed in
+        slice order in fp32, the bias added in fp32, then rounded to dtype."""
+        parts = self.parts[:, : self.rows]
+        acc = torch.zeros_like(parts[0])
+        for part in parts:
+            acc += part
+        if self.bias is not None:
+            acc += self.bias.float()
+        return acc.to(self.dtype)
+
+
 def add_rms_norm(x, delta, norm, use_triton=None):
-    """See add_rms_norm_reference; x, delta contiguous [T, hidden]."""
+    """See add_rms_norm_reference; x, delta contiguous [T, hidden]. delta may be a split product's
+    SplitPartials (stream_linear(..., for_add_rms_norm=True)): summed here, as the product would have."""
     if not runs_triton(x, use_triton):
-        return add_rms_norm_reference(x, delta, norm)
+        return add_rms_norm_reference(x, delta.total() if isinstance(delta, SplitPartials) else delta, norm)
     rows, d = x.shape
     h = torch.empty_like(x)
     x_out = torch.empty_like(x) if delta is not None else x
+    if isinstance(delta, SplitPartials):  # delta_ptr reads the partials instead of a delta
+        values, bias, slices = delta.parts, delta.bias, delta.parts.shape[0]
+    else:
+        values, bias, slices = delta if delta is not None else x, None, 0
     _add_rms_norm_kernel[(rows,)](
-        x, delta if delta is not None else x, norm.weight, x_out, h, d, norm.eps,
-        HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(d), num_warps=8, **_pdl_launch(x),
+        x, values, bias if bias is not None else x, norm.weight, x_out, h, d, values.stride(0), norm.eps,
+        HAS_DELTA=delta is not None, SLICES=slices, DELTA_BIAS=bias is not None, BLOCK=triton.next_power_of_2(d),
+        num_warps=8, **_pdl_launch(x),
     )  # fmt: skip
     return x_out, h
 
@@ -321,34 +371,43 @@ def _streams(x, weight, use_triton) -> bool:
     return runs_triton(x, use_triton) and half and small and unit_k and 0 < x.shape[0] <= STREAM_LINEAR_MAX_ROWS
 
 
-def _launch_stream_linear(x, weight, bias, glu: bool) -> torch.Tensor:
+def _launch_stream_linear(x, weight, bias, glu: bool, leave_partials: bool = False) -> torch.Tensor | SplitPartials:
+    """leave_partials: a split product returns its SplitPartials unsummed (for add_rms_norm)."""
     m, k = x.shape
     rows_w = weight.shape[0]
     n = rows_w // 2 if glu else rows_w
-    out = torch.empty(m, n, device=x.device, dtype=weight.dtype)
     block_n, block_k, warps, stages = STREAM_LINEAR_TILE
     rows = max(16, triton.next_power_of_2(m))
     k_slice = triton.cdiv(triton.cdiv(k, block_k), stream_linear_split(m, rows_w, k, x.device)) * block_k
     split = triton.cdiv(k, k_slice)  # no empty slice
-    parts = torch.empty(split, rows, rows_w, device=x.device, dtype=torch.float32) if split > 1 else out
-    counters = _split_counters(x.device) if split > 1 else out
+    leave_partials = leave_partials and split > 1
+    if leave_partials:  # the kernel stores no output and counts no arrival: parts stands in for both
+        parts = torch.empty(split, rows, rows_w, device=x.device, dtype=torch.float32)
+        out = counters = parts
+    else:
+        out = torch.empty(m, n, device=x.device, dtype=weight.dtype)
+        parts = torch.empty(split, rows, rows_w, device=x.device, dtype=torch.float32) if split > 1 else out
+        counters = _split_counters(x.device) if split > 1 else out
     prefetch_lines = STREAM_LINEAR_PREFETCH // 128 if x.is_cuda else 0  # the interpreter runs no PTX
     _stream_linear_kernel[(triton.cdiv(rows_w, block_n), split)](
         x, weight, bias if bias is not None else weight, out, parts, counters, m, n, k, k_slice,
         x.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None, GLU=glu, ROWS=rows,
-        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, PREFETCH_LINES=prefetch_lines, num_warps=warps,
-        num_stages=stages, **_pdl_launch(x),
+        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split, LEAVE_PARTIALS=leave_partials, PREFETCH_LINES=prefetch_lines,
+        num_warps=warps, num_stages=stages, **_pdl_launch(x),
     )  # fmt: skip
-    return out
+    return SplitPartials(parts, bias, m, weight.dtype) if leave_partials else out
 
 
-def stream_linear(x, weight, bias=None, use_triton=None):
+def stream_linear(x, weight, bias=None, use_triton=None, for_add_rms_norm=False):
     """F.linear for at most STREAM_LINEAR_MAX_ROWS rows of 16-bit floats (cuBLAS above, for float32, or
     when it is 0); x [M, K] and weight [N, K] with unit stride in K (cuBLAS otherwise).
-    Split products share per-device counters: they must not run on two streams of a device at once."""
+    Split products share per-device counters: they must not run on two streams of a device at once.
+    for_add_rms_norm: with STREAM_LINEAR_SUM_IN_NORM a split product returns its SplitPartials instead of
+    [M, N]; the caller must pass the result to add_rms_norm as its delta (anything else: .total())."""
     if not _streams(x, weight, use_triton):
         return stream_linear_reference(x, weight, bias)
-    return _launch_stream_linear(x, weight, bias, glu=False)
+    leave_partials = for_add_rms_norm and STREAM_LINEAR_SUM_IN_NORM
+    return _launch_stream_linear(x, weight, bias, glu=False, leave_partials=leave_partials)
 
 
 def stream_linear_silu_mul(x, weight, bias=None, use_triton=None):

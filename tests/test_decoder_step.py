@@ -6,6 +6,7 @@ import torch
 
 from kernels import decoder_step
 from kernels.decoder_step import (
+    SplitPartials,
     add_rms_norm,
     add_rms_norm_reference,
     rope_write_kv,
@@ -87,6 +88,69 @@ def test_stream_linear_split_k_matches_and_rearms_its_counters(monkeypatch, rows
     assert not decoder_step._split_counters(x.device).any()
 
 
+def split_in_four(monkeypatch):
+    """Products of up to 16 rows of a [40, 520] weight split into 4 K slices on the interpreter."""
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_MAX_ROWS", 16)
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_TILE", (16, 32, 4, 2))
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_PROGRAMS_PER_SM", 12)  # 3 weight blocks x 4 slices
+
+
+def norm_of_width(width):
+    norm = RMSNorm(width, 1e-6).half()
+    norm.weight.data.normal_(1, 0.2)
+    return norm
+
+
+@pytest.mark.parametrize("rows", [2, 16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_split_partials_summed_in_add_rms_norm_equal_the_summed_product_then_add_rms_norm(monkeypatch, rows, with_bias):
+    split_in_four(monkeypatch)
+    h, weight = torch.randn(rows, 520).half(), torch.randn(40, 520).half()  # 40: ragged in add_rms_norm's block
+    bias = torch.randn(40).half() if with_bias else None
+    x, norm = (torch.randn(rows, 40) * 3).half(), norm_of_width(40)
+    partials = stream_linear(h, weight, bias, use_triton=True, for_add_rms_norm=True)
+    assert isinstance(partials, SplitPartials) and partials.parts.shape[0] == 4
+    x_got, h_got = add_rms_norm(x, partials, norm, use_triton=True)
+    x_want, h_want = add_rms_norm(x, stream_linear(h, weight, bias, use_triton=True), norm, use_triton=True)
+    assert torch.equal(x_got, x_want) and torch.equal(h_got, h_want)
+    assert torch.equal(add_rms_norm(x, partials, norm, use_triton=False)[0], x + partials.total())  # the reference
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_add_rms_norm_sums_split_partials_in_slice_order_then_adds_the_bias(with_bias):
+    rows, width = 2, 40
+    parts = torch.randn(3, 16, width)  # rows padded to 16, as a split product leaves them
+    parts[:, :, 0] = torch.tensor([2.0**24, 1.0, -(2.0**24)])[:, None]  # summed in slice order 0, in reverse 1
+    parts[:, :, 1] = torch.tensor([2.0**24, 0.0, -(2.0**24)])[:, None]  # a bias of 1 added last 1, first 0
+    partials = SplitPartials(parts, torch.ones(width).half() if with_bias else None, rows, torch.float16)
+    assert partials.total()[:, :2].tolist() == [[float(with_bias)] * 2] * rows
+    x, norm = (torch.randn(rows, width) * 3).half(), norm_of_width(width)
+    x_got, h_got = add_rms_norm(x, partials, norm, use_triton=True)
+    x_want, h_want = add_rms_norm(x, partials.total(), norm, use_triton=True)
+    assert torch.equal(x_got, x_want) and torch.equal(h_got, h_want)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_split_partials_total_equals_the_product_its_last_slice_would_store(monkeypatch, with_bias):
+    split_in_four(monkeypatch)
+    h, weight = torch.randn(3, 520).half(), torch.randn(40, 520).half()
+    bias = torch.randn(40).half() if with_bias else None
+    partials = stream_linear(h, weight, bias, use_triton=True, for_add_rms_norm=True)
+    assert torch.equal(partials.total(), stream_linear(h, weight, bias, use_triton=True))
+    assert not decoder_step._split_counters(h.device).any()
+
+
+def test_stream_linear_for_add_rms_norm_returns_a_tensor_unsplit_or_with_the_setting_off(monkeypatch):
+    split_in_four(monkeypatch)
+    h, weight = torch.randn(3, 520).half(), torch.randn(40, 520).half()
+    summed = stream_linear(h, weight, use_triton=True)
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_SUM_IN_NORM", False)
+    assert torch.equal(stream_linear(h, weight, use_triton=True, for_add_rms_norm=True), summed)
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_SUM_IN_NORM", True)
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_PROGRAMS_PER_SM", 0)  # no split
+    assert isinstance(stream_linear(h, weight, use_triton=True, for_add_rms_norm=True), torch.Tensor)
+
+
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("programs_per_sm", [0, 12])
 def test_stream_linear_silu_mul_equals_the_product_then_silu_mul(monkeypatch, rows, programs_per_sm):
@@ -127,3 +191,35 @@ def test_engine_with_fused_backbone_matches_the_reference_generator():
 
     specs = [EngineRequest("cfg", t2i(n=2, seed=2, num_steps=2)), EngineRequest("edit", edit("red", seed=3, num_steps=2))]
     assert_tokens_close_to_reference(load_bundle("tiny", seed=0), specs, EngineConfig(fused_backbone=True, max_batched_tokens=24))
+
+
+def test_fused_decode_step_with_the_sum_in_add_rms_norm_equals_the_summed_products(monkeypatch):
+    from model.bundle import load_bundle
+    from server.engine import model_runner
+    from server.engine.model_runner import ModelRunner
+
+    # float16 (the interpreter's bfloat16 products are wrong); o [128, 128] splits in 2, down [128, 352] in 3
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_TILE", (32, 32, 4, 2))
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_MIN_SLICE", 1)
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_PROGRAMS_PER_SM", 12)  # 4 weight blocks x 3 slices
+    bundle = load_bundle("tiny", dtype=torch.float16, seed=0)
+    runner = ModelRunner(bundle, 8, 4, attention_backend="reference", use_graphs=False, fused_kernels=True)
+    hidden = runner.model.config.hidden_size
+    deltas = []
+
+    def recorded_add_rms_norm(x, delta, norm, use_triton=None):
+        deltas.append(type(delta))
+        return add_rms_norm(x, delta, norm, use_triton=use_triton)
+
+    monkeypatch.setattr(model_runner, "add_rms_norm", recorded_add_rms_norm)
+    torch.manual_seed(0)
+    int32 = torch.int32
+    # two sequences decoding positions 5 and 2 of block tables [0, 1] and [3]
+    step = (torch.randn(2, hidden).half(), torch.tensor([5, 2]), torch.tensor([5, 14]),
+            torch.tensor([[0, 1], [3, 0]], dtype=int32), torch.tensor([6, 3], dtype=int32),
+            torch.tensor([0, 1, 2], dtype=int32), torch.tensor([0, 1]))  # fmt: skip
+    summed_in_norm = runner.forward(*step)
+    layers = len(runner.model.layers)
+    assert deltas.count(SplitPartials) == 2 * layers - 1  # o of each layer, down of all but the last
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_SUM_IN_NORM", False)
+    assert torch.equal(runner.forward(*step), summed_in_norm)

@@ -156,11 +156,13 @@ class ModelRunner:
             q, k, v = q.view(total, -1, d), k.view(total, -1, d), v.view(total, -1, d)
             q = rope_write_kv(q, k, v, cos, sin, self.k_cache[i], self.v_cache[i], slots, use_triton=use)
             out = paged_attention(q, self.k_cache[i], self.v_cache[i], tables, seq_lens, starts, backend=self.attention_backend)
-            o = stream_linear(out.view(total, -1), attn.o_proj.weight, attn.o_proj.bias, use_triton=use)
+            o_proj, down = attn.o_proj, layer.mlp.down_proj
+            o = stream_linear(out.view(total, -1), o_proj.weight, o_proj.bias, use_triton=use, for_add_rms_norm=True)
             x, h = add_rms_norm(x, o, layer.post_attention_layernorm, use_triton=use)
-            down = layer.mlp.down_proj
-            delta = stream_linear(proj.gate_up_silu(h, use), down.weight, down.bias, use_triton=use)
-            if i + 1 < len(layers):
+            to_norm = i + 1 < len(layers)  # the last layer's delta is added to x directly, not by add_rms_norm
+            gated = proj.gate_up_silu(h, use)
+            delta = stream_linear(gated, down.weight, down.bias, use_triton=use, for_add_rms_norm=to_norm)
+            if to_norm:
                 x, h = add_rms_norm(x, delta, layers[i + 1].input_layernorm, use_triton=use)
             else:
                 x = x + delta
