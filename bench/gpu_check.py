@@ -197,7 +197,9 @@ def check_decoder_step(results: dict) -> None:
         x, identical, left_partials = torch.randn(rows, hidden, **bf16), [], []
         for k in (hidden, inner):
             h, weight = torch.randn(rows, k, **bf16), torch.randn(hidden, k, **bf16) / k**0.5
+            previous = apply_settings(parse_settings("decoder_step.STREAM_LINEAR_SUM_IN_NORM=true"))
             partials = ds.stream_linear(h, weight, for_add_rms_norm=True)
+            apply_settings(previous)
             left_partials.append(isinstance(partials, ds.SplitPartials))
             got, want = ds.add_rms_norm(x, partials, norm), ds.add_rms_norm(x, ds.stream_linear(h, weight), norm)
             identical.append(torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]))

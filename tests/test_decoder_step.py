@@ -89,7 +89,9 @@ def test_stream_linear_split_k_matches_and_rearms_its_counters(monkeypatch, rows
 
 
 def split_in_four(monkeypatch):
-    """Products of up to 16 rows of a [40, 520] weight split into 4 K slices on the interpreter."""
+    """Products of up to 16 rows of a [40, 520] weight split into 4 K slices on the interpreter, their
+    partials left to add_rms_norm."""
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_SUM_IN_NORM", True)
     monkeypatch.setattr(decoder_step, "STREAM_LINEAR_MAX_ROWS", 16)
     monkeypatch.setattr(decoder_step, "STREAM_LINEAR_TILE", (16, 32, 4, 2))
     monkeypatch.setattr(decoder_step, "STREAM_LINEAR_PROGRAMS_PER_SM", 12)  # 3 weight blocks x 4 slices
@@ -202,6 +204,7 @@ def test_fused_decode_step_with_the_sum_in_add_rms_norm_equals_the_summed_produc
     monkeypatch.setattr(decoder_step, "STREAM_LINEAR_TILE", (32, 32, 4, 2))
     monkeypatch.setattr(decoder_step, "STREAM_LINEAR_MIN_SLICE", 1)
     monkeypatch.setattr(decoder_step, "STREAM_LINEAR_PROGRAMS_PER_SM", 12)  # 4 weight blocks x 3 slices
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_SUM_IN_NORM", True)
     bundle = load_bundle("tiny", dtype=torch.float16, seed=0)
     runner = ModelRunner(bundle, 8, 4, attention_backend="reference", use_graphs=False, fused_kernels=True)
     hidden = runner.model.config.hidden_size
