@@ -8,7 +8,8 @@
    embedding, cache write and residual add bit-identical, norms and SiLU relative error; the few-row
    stream product and cuBLAS against a float32 product, the stream product with SiLU * up in its
    epilogue against the product followed by silu_mul, and the o and down products' split partials
-   summed in add_rms_norm against the summed product then add_rms_norm (both bit-identical).
+   summed in add_rms_norm and the q/k/v product's in rope_write_kv, each against the summed product
+   then that kernel (all bit-identical).
 3. Engine vs reference generator on the GPU (tiny preset, float32 and bfloat16): largest token
    and pixel differences over a mixed batch.
 """
@@ -198,13 +199,30 @@ def check_decoder_step(results: dict) -> None:
         for k in (hidden, inner):
             h, weight = torch.randn(rows, k, **bf16), torch.randn(hidden, k, **bf16) / k**0.5
             previous = apply_settings(parse_settings("decoder_step.STREAM_LINEAR_SUM_IN_NORM=true"))
-            partials = ds.stream_linear(h, weight, for_add_rms_norm=True)
+            partials = ds.stream_linear(h, weight, summed_by="add_rms_norm")
             apply_settings(previous)
             left_partials.append(isinstance(partials, ds.SplitPartials))
             got, want = ds.add_rms_norm(x, partials, norm), ds.add_rms_norm(x, ds.stream_linear(h, weight), norm)
             identical.append(torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]))
         out[f"split_sum_in_norm_{rows}_rows_identical"] = all(identical)
         out[f"split_sum_in_norm_{rows}_rows_left_partials"] = all(left_partials)  # else the check above is moot
+    qkv_sizes = [heads * d, kv_heads * d, kv_heads * d]
+    for rows in (2, 16):  # the q/k/v product's partials summed in rope_write_kv against the summed product
+        h, weight = torch.randn(rows, hidden, **bf16), torch.randn(sum(qkv_sizes), hidden, **bf16) / hidden**0.5
+        bias = torch.randn(sum(qkv_sizes), **bf16)
+        cos, sin = rotary.cos_sin(torch.randint(0, 4000, (rows,), device="cuda"), torch.bfloat16)
+        slots = torch.randperm(256 * 16, device="cuda")[:rows]
+        caches = [torch.randn(256, 16, kv_heads, d, **bf16) for _ in range(2)]
+        caches += [c.clone() for c in caches]
+        previous = apply_settings(parse_settings("decoder_step.STREAM_LINEAR_SUM_IN_ROPE=true"))
+        partials = ds.stream_linear(h, weight, bias, summed_by="rope_write_kv")
+        apply_settings(previous)
+        got = ds.rope_write_kv_joined(partials, qkv_sizes, d, cos, sin, caches[0], caches[1], slots)
+        summed = ds.stream_linear(h, weight, bias)
+        want = ds.rope_write_kv_joined(summed, qkv_sizes, d, cos, sin, caches[2], caches[3], slots)
+        same_caches = torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+        out[f"split_sum_in_rope_{rows}_rows_identical"] = torch.equal(got, want) and same_caches
+        out[f"split_sum_in_rope_{rows}_rows_left_partials"] = isinstance(partials, ds.SplitPartials)
     for rows in (2, 16, 32):  # SiLU * up in the gate/up product's epilogue against the two kernels
         h, weight = torch.randn(rows, hidden, **bf16), torch.randn(2 * inner, hidden, **bf16) / hidden**0.5
         gate, up = ds.stream_linear(h, weight).chunk(2, dim=1)

@@ -4,7 +4,8 @@ Eager PyTorch spends ~35 small kernels per layer on the glue between the matrix 
 (RMSNorm alone is six, rotary embedding ten, the cache write two), about a third of a one-image
 decode step on an H200. Here each piece is one kernel:
 - add_rms_norm: the residual add and the next RMSNorm (after a split stream_linear, the sum of its K slices too),
-- rope_write_kv: rotary embedding of q and k, k and v stored in the paged cache,
+- rope_write_kv: rotary embedding of q and k, k and v stored in the paged cache (after a split q/k/v
+  stream_linear, the sum of its K slices too),
 - silu_mul: the MLP's SiLU(gate) * up,
 - stream_linear: a few rows' projection as a Triton weight stream that launches as a dependent, so
   it starts while the kernel before it finishes (cuBLAS launches cannot); stream_linear_silu_mul:
@@ -52,6 +53,9 @@ STREAM_LINEAR_MIN_SLICE = 4  # K tiles per slice at least
 # sums them: no arrival atomic and no reload in the product, and add_rms_norm waits for all of it anyway.
 # Off until timed on a GPU (bit-identical to the counters on CPU; no GPU was lent when it was written).
 STREAM_LINEAR_SUM_IN_NORM = False
+# the same for the q/k/v product, whose split partials rope_write_kv sums instead (no arrival atomic and no
+# reload on the critical path). Off until timed on a GPU.
+STREAM_LINEAR_SUM_IN_ROPE = False
 # the MLP's SiLU(gate) * up in the epilogue of the gate/up stream product (a block streams half gate,
 # half the matching up rows, as many programs as the plain product): one dependent launch fewer per
 # layer. H100 decode step, 16 sequences: 10.65-10.69 vs 10.70 ms; 2: within noise (9.72-9.76 vs 9.74)
@@ -109,6 +113,21 @@ if triton is not None:
             return v.to(DTYPE).to(tl.float32)
 
     @triton.jit
+    def _split_sum(
+        part_ptr, offsets, bias_ptrs, mask, slice_stride,
+        SLICES: tl.constexpr, HAS_BIAS: tl.constexpr, DTYPE: tl.constexpr,
+    ):  # fmt: skip
+        """A split product's values at offsets of part_ptr (slice 0 of its fp32 partials, slices slice_stride apart)
+        as its last slice would store them: summed in slice order from zero, + bias in fp32, converted to DTYPE."""
+        summed = tl.zeros(offsets.shape, dtype=tl.float32)
+        for s in tl.static_range(SLICES):
+            summed += tl.load(part_ptr + s * slice_stride + offsets, mask=mask, other=0.0)
+        if HAS_BIAS:
+            summed += tl.load(bias_ptrs, mask=mask, other=0.0).to(tl.float32)
+        # the conversion the product's store makes (not _round_to): each backend matches its own old path
+        return summed.to(DTYPE).to(tl.float32)
+
+    @triton.jit
     def _add_rms_norm_kernel(
         x_ptr, delta_ptr, bias_ptr, w_ptr, x_out_ptr, h_ptr, D, slice_stride, eps,
         HAS_DELTA: tl.constexpr, SLICES: tl.constexpr, DELTA_BIAS: tl.constexpr, BLOCK: tl.constexpr,
@@ -125,13 +144,9 @@ if triton is not None:
         x32 = x.to(tl.float32)
         if HAS_DELTA:
             if SLICES > 1:
-                summed = tl.zeros([BLOCK], dtype=tl.float32)
-                for s in tl.static_range(SLICES):  # in slice order, as the product's last slice sums
-                    summed += tl.load(delta_ptr + s * slice_stride + row * D + cols, mask=mask, other=0.0)
-                if DELTA_BIAS:
-                    summed += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                # the conversion the product's store makes (not _round_to): each backend matches its own old path
-                delta = summed.to(x.dtype).to(tl.float32)
+                delta = _split_sum(
+                    delta_ptr, row * D + cols, bias_ptr + cols, mask, slice_stride, SLICES, DELTA_BIAS, x.dtype
+                )
             else:
                 delta = tl.load(delta_ptr + row * D + cols, mask=mask, other=0.0).to(tl.float32)
             x32 = _round_to(x32 + delta, x.dtype)  # rounded to the model's dtype, like x + delta
@@ -142,15 +157,19 @@ if triton is not None:
 
     @triton.jit
     def _rope_write_kv_kernel(
-        q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
-        stride_q, stride_k, stride_v, stride_cos, H: tl.constexpr, KV: tl.constexpr, DIM: tl.constexpr,
-        PDL: tl.constexpr,
+        q_ptr, k_ptr, v_ptr, bias_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
+        stride_q, stride_k, stride_v, stride_cos, slice_stride, H: tl.constexpr, KV: tl.constexpr, DIM: tl.constexpr,
+        SLICES: tl.constexpr, HAS_BIAS: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        """SLICES > 1: q, k and v are a joined q/k/v product's fp32 partials (SplitPartials, slice_stride apart)
+        and bias_ptr its joined bias (HAS_BIAS), summed here exactly as the product's last slice would sum them."""
         await_predecessor(PDL)
         t = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         i = tl.arange(0, DIM)
         partner = (i + DIM // 2) % DIM  # rotate_half: [-x2, x1]
+        dtype = q_out_ptr.dtype.element_ty
+        full = i < DIM  # _split_sum's mask: a head spans DIM
         cos = tl.load(cos_ptr + t * stride_cos + i).to(tl.float32)
         sin = tl.load(sin_ptr + t * stride_cos + i).to(tl.float32)
         if head < H:
@@ -160,15 +179,23 @@ if triton is not None:
             slot = tl.load(slots_ptr + t)
             src = k_ptr + t * stride_k + (head - H) * DIM
             dst = k_cache_ptr + (slot * KV + head - H) * DIM
-            tl.store(
-                v_cache_ptr + (slot * KV + head - H) * DIM + i, tl.load(v_ptr + t * stride_v + (head - H) * DIM + i)
-            )
-        x = tl.load(src + i)
-        rotated = tl.load(src + partner).to(tl.float32)
+            v_src = v_ptr + t * stride_v + (head - H) * DIM
+            if SLICES > 1:  # v's heads follow q's and k's in the joined bias
+                v = _split_sum(v_src, i, bias_ptr + (head + KV) * DIM + i, full, slice_stride, SLICES, HAS_BIAS, dtype)
+            else:
+                v = tl.load(v_src + i)
+            tl.store(v_cache_ptr + (slot * KV + head - H) * DIM + i, v)
+        if SLICES > 1:
+            bias = bias_ptr + head * DIM  # k's heads follow q's: a q or k head's bias starts at head * DIM
+            x = _split_sum(src, i, bias + i, full, slice_stride, SLICES, HAS_BIAS, dtype)
+            rotated = _split_sum(src, partner, bias + partner, full, slice_stride, SLICES, HAS_BIAS, dtype)
+        else:
+            x = tl.load(src + i).to(tl.float32)
+            rotated = tl.load(src + partner).to(tl.float32)
         rotated = tl.where(i < DIM // 2, -rotated, rotated)
         # x * cos + rotate_half(x) * sin with each product rounded, as eager PyTorch computes it
-        out = _round_to(x.to(tl.float32) * cos, x.dtype) + _round_to(rotated * sin, x.dtype)
-        tl.store(dst + i, _round_to(out, x.dtype).to(x.dtype))
+        out = _round_to(x * cos, dtype) + _round_to(rotated * sin, dtype)
+        tl.store(dst + i, _round_to(out, dtype).to(dtype))
 
     @triton.jit
     def _silu_times(g, u, DTYPE: tl.constexpr):
@@ -200,7 +227,7 @@ if triton is not None:
         the rows, padded to ROWS >= 16 with zeros, its right one, so the tensor cores take any M.
         With SPLIT > 1, program (n, s) takes K slice s and the last slice of a block to arrive sums all
         slices' partials (fp32, [SPLIT, ROWS, weight rows] at part_ptr) in slice order, then rearms its
-        counter; with LEAVE_PARTIALS each slice only stores its partial (add_rms_norm sums them). GLU: w
+        counter; with LEAVE_PARTIALS each slice only stores its partial (the consumer sums them). GLU: w
         holds 2N rows, gate then up; a block is BLOCK_N // 2 gate rows and the matching up rows, streamed
         as one tile, and out = SiLU(gate) * up rounded as silu_mul rounds it."""
         pid_n = tl.program_id(0)
@@ -265,9 +292,8 @@ def _pdl_launch(t: torch.Tensor) -> dict:
 
 
 class SplitPartials(NamedTuple):
-    """A split stream_linear product left unsummed for add_rms_norm (stream_linear's for_add_rms_norm):
-    parts fp32 [SPLIT, ROWS, N] (rows from `rows` on unwritten), bias [N] or None, rows the product's M,
-    dtype its output's."""
+    """A split stream_linear product left unsummed for its consumer (stream_linear's summed_by): parts fp32
+    [SPLIT, ROWS, N] (rows from `rows` on unwritten), bias [N] or None, rows the product's M, dtype its output's."""
 
     parts: torch.Tensor
     bias: torch.Tensor | None
@@ -288,7 +314,7 @@ class SplitPartials(NamedTuple):
 
 def add_rms_norm(x, delta, norm, use_triton=None):
     """See add_rms_norm_reference; x, delta contiguous [T, hidden]. delta may be a split product's
-    SplitPartials (stream_linear(..., for_add_rms_norm=True)): summed here, as the product would have."""
+    SplitPartials (stream_linear(..., summed_by="add_rms_norm")): summed here, as the product would have."""
     if not runs_triton(x, use_triton):
         return add_rms_norm_reference(x, delta.total() if isinstance(delta, SplitPartials) else delta, norm)
     rows, d = x.shape
@@ -314,8 +340,30 @@ def rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots, use_triton=None):
     kv_heads = k.shape[1]
     q_out = torch.empty(tokens, heads, dim, device=q.device, dtype=q.dtype)
     _rope_write_kv_kernel[(tokens, heads + kv_heads)](
-        q, k, v, cos, sin, q_out, k_cache, v_cache, slots,
-        q.stride(0), k.stride(0), v.stride(0), cos.stride(0), H=heads, KV=kv_heads, DIM=dim, **_pdl_launch(q),
+        q, k, v, q, cos, sin, q_out, k_cache, v_cache, slots, q.stride(0), k.stride(0), v.stride(0), cos.stride(0), 0,
+        H=heads, KV=kv_heads, DIM=dim, SLICES=0, HAS_BIAS=False, **_pdl_launch(q),
+    )  # fmt: skip
+    return q_out
+
+
+def rope_write_kv_joined(qkv, sizes, head_dim, cos, sin, k_cache, v_cache, slots, use_triton=None):
+    """rope_write_kv of a joined q/k/v product: qkv [T, Nq + Nk + Nv] (sizes), heads of head_dim, or the
+    product's SplitPartials (stream_linear(..., summed_by="rope_write_kv")), summed in the kernel as the
+    product would have. -> rotated q [T, Nq / head_dim, head_dim]."""
+    split = isinstance(qkv, SplitPartials)
+    if split and (not runs_triton(qkv.parts, use_triton) or head_dim & (head_dim - 1)):
+        qkv, split = qkv.total(), False
+    if not split:
+        q, k, v = (part.view(qkv.shape[0], -1, head_dim) for part in qkv.split(sizes, dim=1))
+        return rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots, use_triton=use_triton)
+    parts, bias = qkv.parts, qkv.bias
+    q, k, v = parts.split(sizes, dim=2)  # views into slice 0's rows
+    heads, kv_heads = sizes[0] // head_dim, sizes[1] // head_dim
+    q_out = torch.empty(qkv.rows, heads, head_dim, device=parts.device, dtype=qkv.dtype)
+    _rope_write_kv_kernel[(qkv.rows, heads + kv_heads)](
+        q, k, v, bias if bias is not None else parts, cos, sin, q_out, k_cache, v_cache, slots,
+        parts.stride(1), parts.stride(1), parts.stride(1), cos.stride(0), parts.stride(0),
+        H=heads, KV=kv_heads, DIM=head_dim, SLICES=parts.shape[0], HAS_BIAS=bias is not None, **_pdl_launch(parts),
     )  # fmt: skip
     return q_out
 
@@ -372,7 +420,7 @@ def _streams(x, weight, use_triton) -> bool:
 
 
 def _launch_stream_linear(x, weight, bias, glu: bool, leave_partials: bool = False) -> torch.Tensor | SplitPartials:
-    """leave_partials: a split product returns its SplitPartials unsummed (for add_rms_norm)."""
+    """leave_partials: a split product returns its SplitPartials unsummed (for its consumer to sum)."""
     m, k = x.shape
     rows_w = weight.shape[0]
     n = rows_w // 2 if glu else rows_w
@@ -398,15 +446,17 @@ def _launch_stream_linear(x, weight, bias, glu: bool, leave_partials: bool = Fal
     return SplitPartials(parts, bias, m, weight.dtype) if leave_partials else out
 
 
-def stream_linear(x, weight, bias=None, use_triton=None, for_add_rms_norm=False):
+def stream_linear(x, weight, bias=None, use_triton=None, summed_by=None):
     """F.linear for at most STREAM_LINEAR_MAX_ROWS rows of 16-bit floats (cuBLAS above, for float32, or
     when it is 0); x [M, K] and weight [N, K] with unit stride in K (cuBLAS otherwise).
     Split products share per-device counters: they must not run on two streams of a device at once.
-    for_add_rms_norm: with STREAM_LINEAR_SUM_IN_NORM a split product returns its SplitPartials instead of
-    [M, N]; the caller must pass the result to add_rms_norm as its delta (anything else: .total())."""
+    summed_by: the result's consumer, "add_rms_norm" (as its delta) or "rope_write_kv" (rope_write_kv_joined's
+    qkv); where that consumer's setting is on, a split product returns its SplitPartials instead of [M, N]
+    (anything else must call .total())."""
+    settings = {None: False, "add_rms_norm": STREAM_LINEAR_SUM_IN_NORM, "rope_write_kv": STREAM_LINEAR_SUM_IN_ROPE}
+    leave_partials = settings[summed_by]  # looked up first: a wrong name fails on every backend
     if not _streams(x, weight, use_triton):
         return stream_linear_reference(x, weight, bias)
-    leave_partials = for_add_rms_norm and STREAM_LINEAR_SUM_IN_NORM
     return _launch_stream_linear(x, weight, bias, glu=False, leave_partials=leave_partials)
 
 

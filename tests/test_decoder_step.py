@@ -10,6 +10,7 @@ from kernels.decoder_step import (
     add_rms_norm,
     add_rms_norm_reference,
     rope_write_kv,
+    rope_write_kv_joined,
     rope_write_kv_reference,
     silu_mul,
     silu_mul_reference,
@@ -90,8 +91,9 @@ def test_stream_linear_split_k_matches_and_rearms_its_counters(monkeypatch, rows
 
 def split_in_four(monkeypatch):
     """Products of up to 16 rows of a [40, 520] weight split into 4 K slices on the interpreter, their
-    partials left to add_rms_norm."""
+    partials left to add_rms_norm and rope_write_kv."""
     monkeypatch.setattr(decoder_step, "STREAM_LINEAR_SUM_IN_NORM", True)
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_SUM_IN_ROPE", True)
     monkeypatch.setattr(decoder_step, "STREAM_LINEAR_MAX_ROWS", 16)
     monkeypatch.setattr(decoder_step, "STREAM_LINEAR_TILE", (16, 32, 4, 2))
     monkeypatch.setattr(decoder_step, "STREAM_LINEAR_PROGRAMS_PER_SM", 12)  # 3 weight blocks x 4 slices
@@ -110,7 +112,7 @@ def test_split_partials_summed_in_add_rms_norm_equal_the_summed_product_then_add
     h, weight = torch.randn(rows, 520).half(), torch.randn(40, 520).half()  # 40: ragged in add_rms_norm's block
     bias = torch.randn(40).half() if with_bias else None
     x, norm = (torch.randn(rows, 40) * 3).half(), norm_of_width(40)
-    partials = stream_linear(h, weight, bias, use_triton=True, for_add_rms_norm=True)
+    partials = stream_linear(h, weight, bias, use_triton=True, summed_by="add_rms_norm")
     assert isinstance(partials, SplitPartials) and partials.parts.shape[0] == 4
     x_got, h_got = add_rms_norm(x, partials, norm, use_triton=True)
     x_want, h_want = add_rms_norm(x, stream_linear(h, weight, bias, use_triton=True), norm, use_triton=True)
@@ -137,20 +139,77 @@ def test_split_partials_total_equals_the_product_its_last_slice_would_store(monk
     split_in_four(monkeypatch)
     h, weight = torch.randn(3, 520).half(), torch.randn(40, 520).half()
     bias = torch.randn(40).half() if with_bias else None
-    partials = stream_linear(h, weight, bias, use_triton=True, for_add_rms_norm=True)
+    partials = stream_linear(h, weight, bias, use_triton=True, summed_by="add_rms_norm")
     assert torch.equal(partials.total(), stream_linear(h, weight, bias, use_triton=True))
     assert not decoder_step._split_counters(h.device).any()
 
 
-def test_stream_linear_for_add_rms_norm_returns_a_tensor_unsplit_or_with_the_setting_off(monkeypatch):
+@pytest.mark.parametrize(
+    "summed_by,setting,other",
+    [("add_rms_norm", "STREAM_LINEAR_SUM_IN_NORM", "STREAM_LINEAR_SUM_IN_ROPE"),
+     ("rope_write_kv", "STREAM_LINEAR_SUM_IN_ROPE", "STREAM_LINEAR_SUM_IN_NORM")],
+)  # fmt: skip
+def test_stream_linear_summed_by_returns_a_tensor_unsplit_or_with_its_consumers_setting_off(
+    monkeypatch, summed_by, setting, other
+):
     split_in_four(monkeypatch)
     h, weight = torch.randn(3, 520).half(), torch.randn(40, 520).half()
     summed = stream_linear(h, weight, use_triton=True)
-    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_SUM_IN_NORM", False)
-    assert torch.equal(stream_linear(h, weight, use_triton=True, for_add_rms_norm=True), summed)
-    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_SUM_IN_NORM", True)
+    assert isinstance(stream_linear(h, weight, use_triton=True, summed_by=summed_by), SplitPartials)
+    monkeypatch.setattr(decoder_step, setting, False)  # the other consumer's setting stays on
+    assert torch.equal(stream_linear(h, weight, use_triton=True, summed_by=summed_by), summed)
+    monkeypatch.setattr(decoder_step, setting, True)
+    monkeypatch.setattr(decoder_step, other, False)
     monkeypatch.setattr(decoder_step, "STREAM_LINEAR_PROGRAMS_PER_SM", 0)  # no split
-    assert isinstance(stream_linear(h, weight, use_triton=True, for_add_rms_norm=True), torch.Tensor)
+    assert isinstance(stream_linear(h, weight, use_triton=True, summed_by=summed_by), torch.Tensor)
+
+
+HEADS, KV_HEADS, DIM = 4, 2, 16
+QKV_SIZES = [HEADS * DIM, KV_HEADS * DIM, KV_HEADS * DIM]  # a [128, K] joined q/k/v weight
+
+
+def rope_inputs(rows):
+    """cos, sin of random positions, cache slots and two pairs of equal (k, v) paged caches [5, 4, KV, DIM]."""
+    cos, sin = RotaryEmbedding(DIM, 10000.0, None, 4096).cos_sin(torch.randint(0, 500, (rows,)), torch.float16)
+    slots = torch.randperm(5 * 4)[:rows]
+    caches = [torch.randn(5, 4, KV_HEADS, DIM).half() for _ in range(2)]
+    return cos, sin, slots, caches + [c.clone() for c in caches]
+
+
+@pytest.mark.parametrize("rows", [2, 16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_split_partials_summed_in_rope_write_kv_equal_the_summed_product_then_rope_write_kv(
+    monkeypatch, rows, with_bias
+):
+    split_in_four(monkeypatch)
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_PROGRAMS_PER_SM", 32)  # 8 weight blocks x 4 slices
+    h, weight = torch.randn(rows, 520).half(), (torch.randn(128, 520) / 520**0.5).half()
+    bias = torch.randn(128).half() if with_bias else None
+    cos, sin, slots, caches = rope_inputs(rows)
+    partials = stream_linear(h, weight, bias, use_triton=True, summed_by="rope_write_kv")
+    assert isinstance(partials, SplitPartials) and partials.parts.shape[0] == 4
+    got = rope_write_kv_joined(partials, QKV_SIZES, DIM, cos, sin, caches[0], caches[1], slots, use_triton=True)
+    q, k, v = (t.view(rows, -1, DIM) for t in stream_linear(h, weight, bias, use_triton=True).split(QKV_SIZES, dim=1))
+    want = rope_write_kv(q, k, v, cos, sin, caches[2], caches[3], slots, use_triton=True)
+    assert torch.equal(got, want) and torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    reference = rope_write_kv_joined(partials, QKV_SIZES, DIM, cos, sin, caches[2], caches[3], slots, use_triton=False)
+    assert torch.equal(reference, want) and torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_rope_write_kv_sums_split_partials_in_slice_order_then_adds_the_bias(with_bias):
+    rows, width = 2, sum(QKV_SIZES)
+    parts = torch.empty(3, 16, width)  # rows padded to 16, as a split product leaves them
+    parts[:, :, 0::2] = torch.tensor([2.0**24, 1.0, -(2.0**24)])[:, None, None]  # in slice order 0, in reverse 1
+    parts[:, :, 1::2] = torch.tensor([2.0**24, 0.0, -(2.0**24)])[:, None, None]  # a bias of 1 added last 1, first 0
+    partials = SplitPartials(parts, torch.ones(width).half() if with_bias else None, rows, torch.float16)
+    assert partials.total().tolist() == [[float(with_bias)] * width] * rows  # q, k and v columns alike
+    cos, sin, slots, caches = rope_inputs(rows)
+    got = rope_write_kv_joined(partials, QKV_SIZES, DIM, cos, sin, caches[0], caches[1], slots, use_triton=True)
+    want = rope_write_kv_joined(
+        partials.total(), QKV_SIZES, DIM, cos, sin, caches[2], caches[3], slots, use_triton=True
+    )
+    assert torch.equal(got, want) and torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
 
 
 @pytest.mark.parametrize("rows", [1, 3])
@@ -195,34 +254,48 @@ def test_engine_with_fused_backbone_matches_the_reference_generator():
     assert_tokens_close_to_reference(load_bundle("tiny", seed=0), specs, EngineConfig(fused_backbone=True, max_batched_tokens=24))
 
 
-def test_fused_decode_step_with_the_sum_in_add_rms_norm_equals_the_summed_products(monkeypatch):
+def test_fused_decode_step_with_the_split_sums_in_add_rms_norm_and_rope_write_kv_equals_the_summed_products(
+    monkeypatch,
+):
     from model.bundle import load_bundle
     from server.engine import model_runner
     from server.engine.model_runner import ModelRunner
 
-    # float16 (the interpreter's bfloat16 products are wrong); o [128, 128] splits in 2, down [128, 352] in 3
+    # float16 (the interpreter's bfloat16 products are wrong); q/k/v [256, 128] splits in 2, o [128, 128] in 4,
+    # down [128, 352] in 6
     monkeypatch.setattr(decoder_step, "STREAM_LINEAR_TILE", (32, 32, 4, 2))
     monkeypatch.setattr(decoder_step, "STREAM_LINEAR_MIN_SLICE", 1)
-    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_PROGRAMS_PER_SM", 12)  # 4 weight blocks x 3 slices
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_PROGRAMS_PER_SM", 24)  # 24 programs over the weight blocks
     monkeypatch.setattr(decoder_step, "STREAM_LINEAR_SUM_IN_NORM", True)
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_SUM_IN_ROPE", True)
     bundle = load_bundle("tiny", dtype=torch.float16, seed=0)
     runner = ModelRunner(bundle, 8, 4, attention_backend="reference", use_graphs=False, fused_kernels=True)
     hidden = runner.model.config.hidden_size
-    deltas = []
+    deltas, qkvs = [], []
 
     def recorded_add_rms_norm(x, delta, norm, use_triton=None):
         deltas.append(type(delta))
         return add_rms_norm(x, delta, norm, use_triton=use_triton)
 
+    def recorded_rope_write_kv_joined(qkv, *args, use_triton=None):
+        qkvs.append(type(qkv))
+        return rope_write_kv_joined(qkv, *args, use_triton=use_triton)
+
     monkeypatch.setattr(model_runner, "add_rms_norm", recorded_add_rms_norm)
+    monkeypatch.setattr(model_runner, "rope_write_kv_joined", recorded_rope_write_kv_joined)
     torch.manual_seed(0)
     int32 = torch.int32
     # two sequences decoding positions 5 and 2 of block tables [0, 1] and [3]
     step = (torch.randn(2, hidden).half(), torch.tensor([5, 2]), torch.tensor([5, 14]),
             torch.tensor([[0, 1], [3, 0]], dtype=int32), torch.tensor([6, 3], dtype=int32),
             torch.tensor([0, 1, 2], dtype=int32), torch.tensor([0, 1]))  # fmt: skip
-    summed_in_norm = runner.forward(*step)
+    summed_in_consumers = runner.forward(*step)
+    caches = [c.clone() for c in runner.k_cache + runner.v_cache]
     layers = len(runner.model.layers)
     assert deltas.count(SplitPartials) == 2 * layers - 1  # o of each layer, down of all but the last
+    assert qkvs == [SplitPartials] * layers
     monkeypatch.setattr(decoder_step, "STREAM_LINEAR_SUM_IN_NORM", False)
-    assert torch.equal(runner.forward(*step), summed_in_norm)
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_SUM_IN_ROPE", False)
+    assert torch.equal(runner.forward(*step), summed_in_consumers)
+    assert qkvs[layers:] == [torch.Tensor] * layers
+    assert all(torch.equal(a, b) for a, b in zip(runner.k_cache + runner.v_cache, caches))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.decoder_step import add_rms_norm, rope_write_kv, stream_linear, stream_linear_silu_mul
+from kernels.decoder_step import add_rms_norm, rope_write_kv_joined, stream_linear, stream_linear_silu_mul
 from kernels.paged_attention import paged_attention, write_kv
 from model.bundle import ModelBundle
 from model.rope import apply_rotary
@@ -152,17 +152,18 @@ class ModelRunner:
         x, h = add_rms_norm(x, None, layers[0].input_layernorm, use_triton=use)
         for i, (layer, proj) in enumerate(zip(layers, self.projections)):
             attn, d = layer.self_attn, layer.self_attn.head_dim
-            q, k, v = proj.qkv(h, use).split(proj.qkv_sizes, dim=1)
-            q, k, v = q.view(total, -1, d), k.view(total, -1, d), v.view(total, -1, d)
-            q = rope_write_kv(q, k, v, cos, sin, self.k_cache[i], self.v_cache[i], slots, use_triton=use)
-            out = paged_attention(q, self.k_cache[i], self.v_cache[i], tables, seq_lens, starts, backend=self.attention_backend)
+            k_cache, v_cache = self.k_cache[i], self.v_cache[i]
+            qkv = proj.qkv(h, use)
+            q = rope_write_kv_joined(qkv, proj.qkv_sizes, d, cos, sin, k_cache, v_cache, slots, use_triton=use)
+            out = paged_attention(q, k_cache, v_cache, tables, seq_lens, starts, backend=self.attention_backend)
             o_proj, down = attn.o_proj, layer.mlp.down_proj
-            o = stream_linear(out.view(total, -1), o_proj.weight, o_proj.bias, use_triton=use, for_add_rms_norm=True)
+            o = stream_linear(out.view(total, -1), o_proj.weight, o_proj.bias, use_triton=use, summed_by="add_rms_norm")
             x, h = add_rms_norm(x, o, layer.post_attention_layernorm, use_triton=use)
-            to_norm = i + 1 < len(layers)  # the last layer's delta is added to x directly, not by add_rms_norm
+            # the last layer's delta is added to x directly, not by add_rms_norm
+            summed_by = "add_rms_norm" if i + 1 < len(layers) else None
             gated = proj.gate_up_silu(h, use)
-            delta = stream_linear(gated, down.weight, down.bias, use_triton=use, for_add_rms_norm=to_norm)
-            if to_norm:
+            delta = stream_linear(gated, down.weight, down.bias, use_triton=use, summed_by=summed_by)
+            if summed_by:
                 x, h = add_rms_norm(x, delta, layers[i + 1].input_layernorm, use_triton=use)
             else:
                 x = x + delta
@@ -206,7 +207,8 @@ class FusedProjections:
         return weight, bias
 
     def qkv(self, h, use_triton=None):
-        return stream_linear(h, self.qkv_weight, self.qkv_bias, use_triton=use_triton)
+        """The joined q/k/v product [T, sum(qkv_sizes)], or its SplitPartials: for rope_write_kv_joined."""
+        return stream_linear(h, self.qkv_weight, self.qkv_bias, use_triton=use_triton, summed_by="rope_write_kv")
 
     def gate_up_silu(self, h, use_triton=None):
         """The MLP's SiLU(gate) * up."""
