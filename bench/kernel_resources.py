@@ -1,6 +1,7 @@
 """Registers, stack (spills) and barriers of the head's few-rows kernels for an H100/H200, without a GPU.
 
     python -m bench.kernel_resources            # any machine with triton's CUDA backend
+    python -m bench.kernel_resources --decoder-step   # the backbone's split-K sums, in the product or its consumer
 
 Compiles kernels.fused_head._few_rows_kernel for sm_90 with the installed Triton and reads the
 cubin's resource usage with the cuobjdump Triton ships, and from the PTX the `bar.sync` barriers and
@@ -21,10 +22,11 @@ from collections import Counter
 import triton
 from triton.backends.compiler import GPUTarget
 
-from kernels import fused_head
+from kernels import decoder_step, fused_head
 
 POINTERS = {"sample_ptr": "*fp32", "cfg_ptr": "*fp32", "cfg_img_ptr": "*fp32", "seed_ptr": "*i64",
-            "image_ptr": "*i64", "token_ptr": "*i64", "part_ptr": "*fp32", "count_ptr": "*i32"}  # fmt: skip
+            "image_ptr": "*i64", "token_ptr": "*i64", "part_ptr": "*fp32", "count_ptr": "*i32",
+            "slots_ptr": "*i64"}  # fmt: skip
 FLOATS = {"eps", "a", "b", "c"}
 # integers the launches pass as multiples of 16 (Triton's launcher marks those divisible, as it does
 # 16-byte-aligned pointers: without the mark no load is vectorized); D and slice_stride are add_rms_norm's
@@ -60,6 +62,28 @@ def compile_for_sm90(kernel, constexprs: dict, num_warps: int, pointers: dict | 
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def decoder_step_launches() -> list:
+    """(name, kernel, constexprs, warps, stages, pointer types) of the kernels a split stream product's sum can
+    sit in, at the real widths: the product's last slice (counters) or the consumer (partials left)."""
+    block_n, block_k, warps, stages = decoder_step.STREAM_LINEAR_TILE
+    stream = {"HAS_BIAS": False, "GLU": False, "ROWS": 16, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT": 3,
+              "PREFETCH_LINES": decoder_step.STREAM_LINEAR_PREFETCH // 128, "PDL": True}  # fmt: skip
+    norm = {"HAS_DELTA": True, "DELTA_BIAS": False, "BLOCK": 8192, "PDL": True}  # hidden 5120
+    rope = {"H": 40, "KV": 8, "DIM": 128, "PDL": True}
+    partials = {name: "*fp32" for name in ("delta_ptr", "q_ptr", "k_ptr", "v_ptr")}
+    return [
+        ("stream product, 3 slices, counters", decoder_step._stream_linear_kernel,
+         stream | {"LEAVE_PARTIALS": False}, warps, stages, {}),
+        ("stream product, 3 slices, partials left", decoder_step._stream_linear_kernel,
+         stream | {"LEAVE_PARTIALS": True}, warps, stages, {}),
+        ("add_rms_norm", decoder_step._add_rms_norm_kernel, norm | {"SLICES": 0}, 8, 3, {}),
+        ("add_rms_norm, 3 slices summed", decoder_step._add_rms_norm_kernel, norm | {"SLICES": 3}, 8, 3, partials),
+        ("rope_write_kv", decoder_step._rope_write_kv_kernel, rope | {"SLICES": 0, "HAS_BIAS": False}, 4, 3, {}),
+        ("rope_write_kv, 2 slices + bias summed", decoder_step._rope_write_kv_kernel,
+         rope | {"SLICES": 2, "HAS_BIAS": True}, 4, 3, partials),
+    ]  # fmt: skip
+
+
 def resources(compiled) -> dict:
     """{'REG': .., 'STACK': .., ...} from the cubin, plus from the PTX the barriers ('BAR': each
     cross-warp reduction or layout change waits at one) and global loads by width."""
@@ -83,7 +107,13 @@ def main() -> None:
     p.add_argument("--rows", type=int, nargs="+", default=[2, 4])
     p.add_argument("--tiles", nargs="+", default=["x".join(map(str, fused_head.FEW_ROWS_TILE))],
                    help="weight rows x warps per program, e.g. 8x4 8x8")  # fmt: skip
+    p.add_argument("--decoder-step", action="store_true", help="the backbone's split-K sums instead of the head")
     args = p.parse_args()
+    if args.decoder_step:
+        for name, kernel, constexprs, warps, stages, pointers in decoder_step_launches():
+            used = resources(compile_for_sm90(kernel, constexprs, warps, pointers, stages))
+            print(f"{name:40}: {used['REG']:3d} registers, {used['STACK']:4d} B stack, {used['BAR']:2d} barriers")
+        return
     for tile in args.tiles:
         block_n, warps = (int(v) for v in tile.split("x"))
         for rows in args.rows:
