@@ -198,7 +198,7 @@ def check_decoder_step(results: dict) -> None:
         x, identical, left_partials = torch.randn(rows, hidden, **bf16), [], []
         for k in (hidden, inner):
             h, weight = torch.randn(rows, k, **bf16), torch.randn(hidden, k, **bf16) / k**0.5
-            previous = apply_settings(parse_settings("decoder_step.STREAM_LINEAR_SUM_IN_NORM=true"))
+            previous = apply_settings(parse_settings("decoder_step.STREAM_LINEAR_SUM_IN_CONSUMER_MAX_ROWS=16"))
             partials = ds.stream_linear(h, weight, summed_by="add_rms_norm")
             apply_settings(previous)
             left_partials.append(isinstance(partials, ds.SplitPartials))
@@ -214,7 +214,7 @@ def check_decoder_step(results: dict) -> None:
         slots = torch.randperm(256 * 16, device="cuda")[:rows]
         caches = [torch.randn(256, 16, kv_heads, d, **bf16) for _ in range(2)]
         caches += [c.clone() for c in caches]
-        previous = apply_settings(parse_settings("decoder_step.STREAM_LINEAR_SUM_IN_ROPE=true"))
+        previous = apply_settings(parse_settings("decoder_step.STREAM_LINEAR_SUM_IN_CONSUMER_MAX_ROWS=16"))
         partials = ds.stream_linear(h, weight, bias, summed_by="rope_write_kv")
         apply_settings(previous)
         got = ds.rope_write_kv_joined(partials, qkv_sizes, d, cos, sin, caches[0], caches[1], slots)

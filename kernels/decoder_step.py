@@ -49,13 +49,12 @@ STREAM_LINEAR_TILE = (64, 128, 4, 4)  # weight rows per program, K per iteration
 STREAM_LINEAR_PROGRAMS_PER_SM = 2
 STREAM_LINEAR_SPLIT_MAX_ROWS = 16
 STREAM_LINEAR_MIN_SLICE = 4  # K tiles per slice at least
-# split products whose output goes straight to add_rms_norm (o, down) only store their partials and add_rms_norm
-# sums them: no arrival atomic and no reload in the product, and add_rms_norm waits for all of it anyway.
-# Off until timed on a GPU (bit-identical to the counters on CPU; no GPU was lent when it was written).
-STREAM_LINEAR_SUM_IN_NORM = False
-# the same for the q/k/v product, whose split partials rope_write_kv sums instead (no arrival atomic and no
-# reload on the critical path). Off until timed on a GPU.
-STREAM_LINEAR_SUM_IN_ROPE = False
+# split products of at most this many rows leave their fp32 partials to the kernel that consumes them
+# (add_rms_norm after o and down, rope_write_kv after q/k/v), which waits for the whole product anyway, instead
+# of the last slice summing them after an arrival atomic (0: never). H100 decode step at 800 positions, ms: 2
+# sequences 9.58-9.60 vs 9.65-9.68, 4: 9.79 vs 9.83-9.87; 8: 10.22 vs 10.15-10.17, 16: 10.90-10.91 vs 10.80-10.83
+# (there the consumer's one program per row sums what many product programs would): backbone_split_sums*_h100_s24
+STREAM_LINEAR_SUM_IN_CONSUMER_MAX_ROWS = 4
 # the MLP's SiLU(gate) * up in the epilogue of the gate/up stream product (a block streams half gate,
 # half the matching up rows, as many programs as the plain product): one dependent launch fewer per
 # layer. H100 decode step, 16 sequences: 10.65-10.69 vs 10.70 ms; 2: within noise (9.72-9.76 vs 9.74)
@@ -451,10 +450,11 @@ def stream_linear(x, weight, bias=None, use_triton=None, summed_by=None):
     when it is 0); x [M, K] and weight [N, K] with unit stride in K (cuBLAS otherwise).
     Split products share per-device counters: they must not run on two streams of a device at once.
     summed_by: the result's consumer, "add_rms_norm" (as its delta) or "rope_write_kv" (rope_write_kv_joined's
-    qkv); where that consumer's setting is on, a split product returns its SplitPartials instead of [M, N]
-    (anything else must call .total())."""
-    settings = {None: False, "add_rms_norm": STREAM_LINEAR_SUM_IN_NORM, "rope_write_kv": STREAM_LINEAR_SUM_IN_ROPE}
-    leave_partials = settings[summed_by]  # looked up first: a wrong name fails on every backend
+    qkv); then a split product of up to STREAM_LINEAR_SUM_IN_CONSUMER_MAX_ROWS rows returns its SplitPartials
+    instead of [M, N] (anything else must call .total())."""
+    if summed_by not in (None, "add_rms_norm", "rope_write_kv"):  # checked first: fails on every backend
+        raise ValueError(f"stream_linear: unknown summed_by {summed_by!r}")
+    leave_partials = summed_by is not None and x.shape[0] <= STREAM_LINEAR_SUM_IN_CONSUMER_MAX_ROWS
     if not _streams(x, weight, use_triton):
         return stream_linear_reference(x, weight, bias)
     return _launch_stream_linear(x, weight, bias, glu=False, leave_partials=leave_partials)

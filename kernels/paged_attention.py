@@ -41,8 +41,11 @@ BACKENDS = ("reference", "triton", "flash_attn")
 _KEY_TILE = 64  # keys per inner-loop step; one step spans several cache blocks through the block table
 _PREFILL_ROWS = 64  # (query, head) rows per prefill program
 _MIN_DECODE_ROWS = 16  # tl.dot needs at least 16 rows
-_MIN_PARTITION = 128  # fewest keys worth a split-K program of its own (H200: 128 beat 64 and 256 at 1-2 images)
-_DECODE_PROGRAMS = 512  # enough decode programs to fill an H200's 132 SMs a few times over
+# split keys until a decode step has about _DECODE_PROGRAMS programs, partitions of _MIN_PARTITION keys at least.
+# H100 decode step, ms, vs 128 / 512: 2 sequences at 300 positions 9.51 vs 9.59-9.61, at 1000 9.65 vs 9.67-9.69;
+# 16 at 1000 10.89-10.90 vs 11.05-11.08; 4 and 64 within noise (backbone_partition_rule_h100_s24.json)
+_MIN_PARTITION = 64
+_DECODE_PROGRAMS = 256
 DECODE_LAUNCH: dict = {}  # num_warps / num_stages of the decode kernel (bench/gpu_check.py --sweeps them)
 PDL = True  # decode kernels launch as programmatic dependents of the previous kernel (Hopper), see dispatch.py
 

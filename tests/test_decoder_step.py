@@ -92,8 +92,7 @@ def test_stream_linear_split_k_matches_and_rearms_its_counters(monkeypatch, rows
 def split_in_four(monkeypatch):
     """Products of up to 16 rows of a [40, 520] weight split into 4 K slices on the interpreter, their
     partials left to add_rms_norm and rope_write_kv."""
-    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_SUM_IN_NORM", True)
-    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_SUM_IN_ROPE", True)
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_SUM_IN_CONSUMER_MAX_ROWS", 16)
     monkeypatch.setattr(decoder_step, "STREAM_LINEAR_MAX_ROWS", 16)
     monkeypatch.setattr(decoder_step, "STREAM_LINEAR_TILE", (16, 32, 4, 2))
     monkeypatch.setattr(decoder_step, "STREAM_LINEAR_PROGRAMS_PER_SM", 12)  # 3 weight blocks x 4 slices
@@ -144,24 +143,19 @@ def test_split_partials_total_equals_the_product_its_last_slice_would_store(monk
     assert not decoder_step._split_counters(h.device).any()
 
 
-@pytest.mark.parametrize(
-    "summed_by,setting,other",
-    [("add_rms_norm", "STREAM_LINEAR_SUM_IN_NORM", "STREAM_LINEAR_SUM_IN_ROPE"),
-     ("rope_write_kv", "STREAM_LINEAR_SUM_IN_ROPE", "STREAM_LINEAR_SUM_IN_NORM")],
-)  # fmt: skip
-def test_stream_linear_summed_by_returns_a_tensor_unsplit_or_with_its_consumers_setting_off(
-    monkeypatch, summed_by, setting, other
-):
+@pytest.mark.parametrize("summed_by", ["add_rms_norm", "rope_write_kv"])
+def test_stream_linear_summed_by_returns_a_tensor_unsplit_or_above_the_row_limit(monkeypatch, summed_by):
     split_in_four(monkeypatch)
     h, weight = torch.randn(3, 520).half(), torch.randn(40, 520).half()
     summed = stream_linear(h, weight, use_triton=True)
     assert isinstance(stream_linear(h, weight, use_triton=True, summed_by=summed_by), SplitPartials)
-    monkeypatch.setattr(decoder_step, setting, False)  # the other consumer's setting stays on
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_SUM_IN_CONSUMER_MAX_ROWS", 2)  # 3 rows: the counters sum
     assert torch.equal(stream_linear(h, weight, use_triton=True, summed_by=summed_by), summed)
-    monkeypatch.setattr(decoder_step, setting, True)
-    monkeypatch.setattr(decoder_step, other, False)
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_SUM_IN_CONSUMER_MAX_ROWS", 16)
     monkeypatch.setattr(decoder_step, "STREAM_LINEAR_PROGRAMS_PER_SM", 0)  # no split
     assert isinstance(stream_linear(h, weight, use_triton=True, summed_by=summed_by), torch.Tensor)
+    with pytest.raises(ValueError, match="summed_by"):
+        stream_linear(h, weight, use_triton=False, summed_by="silu_mul")
 
 
 HEADS, KV_HEADS, DIM = 4, 2, 16
@@ -266,8 +260,7 @@ def test_fused_decode_step_with_the_split_sums_in_add_rms_norm_and_rope_write_kv
     monkeypatch.setattr(decoder_step, "STREAM_LINEAR_TILE", (32, 32, 4, 2))
     monkeypatch.setattr(decoder_step, "STREAM_LINEAR_MIN_SLICE", 1)
     monkeypatch.setattr(decoder_step, "STREAM_LINEAR_PROGRAMS_PER_SM", 24)  # 24 programs over the weight blocks
-    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_SUM_IN_NORM", True)
-    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_SUM_IN_ROPE", True)
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_SUM_IN_CONSUMER_MAX_ROWS", 2)
     bundle = load_bundle("tiny", dtype=torch.float16, seed=0)
     runner = ModelRunner(bundle, 8, 4, attention_backend="reference", use_graphs=False, fused_kernels=True)
     hidden = runner.model.config.hidden_size
@@ -294,8 +287,7 @@ def test_fused_decode_step_with_the_split_sums_in_add_rms_norm_and_rope_write_kv
     layers = len(runner.model.layers)
     assert deltas.count(SplitPartials) == 2 * layers - 1  # o of each layer, down of all but the last
     assert qkvs == [SplitPartials] * layers
-    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_SUM_IN_NORM", False)
-    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_SUM_IN_ROPE", False)
+    monkeypatch.setattr(decoder_step, "STREAM_LINEAR_SUM_IN_CONSUMER_MAX_ROWS", 0)
     assert torch.equal(runner.forward(*step), summed_in_consumers)
     assert qkvs[layers:] == [torch.Tensor] * layers
     assert all(torch.equal(a, b) for a, b in zip(runner.k_cache + runner.v_cache, caches))
