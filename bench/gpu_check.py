@@ -194,13 +194,13 @@ def check_decoder_step(results: dict) -> None:
         for name, got in (("stream_linear", repeats[0]), ("unsplit", unsplit), ("cublas", F.linear(x, weight))):
             out[f"{name}_{rows}_rows_rel_error"] = ((got.float() - want).norm() / want.norm()).item()
         out[f"stream_linear_{rows}_rows_repeats_identical"] = all(torch.equal(r, repeats[0]) for r in repeats)
+    # products called with summed_by leave their partials up to 16 rows; the others sum as always
+    previous = apply_settings(parse_settings("decoder_step.STREAM_LINEAR_SUM_IN_CONSUMER_MAX_ROWS=16"))
     for rows in (2, 16):  # the o and down products' partials summed in add_rms_norm against the summed products
         x, identical, left_partials = torch.randn(rows, hidden, **bf16), [], []
         for k in (hidden, inner):
             h, weight = torch.randn(rows, k, **bf16), torch.randn(hidden, k, **bf16) / k**0.5
-            previous = apply_settings(parse_settings("decoder_step.STREAM_LINEAR_SUM_IN_CONSUMER_MAX_ROWS=16"))
             partials = ds.stream_linear(h, weight, summed_by="add_rms_norm")
-            apply_settings(previous)
             left_partials.append(isinstance(partials, ds.SplitPartials))
             got, want = ds.add_rms_norm(x, partials, norm), ds.add_rms_norm(x, ds.stream_linear(h, weight), norm)
             identical.append(torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]))
@@ -214,15 +214,14 @@ def check_decoder_step(results: dict) -> None:
         slots = torch.randperm(256 * 16, device="cuda")[:rows]
         caches = [torch.randn(256, 16, kv_heads, d, **bf16) for _ in range(2)]
         caches += [c.clone() for c in caches]
-        previous = apply_settings(parse_settings("decoder_step.STREAM_LINEAR_SUM_IN_CONSUMER_MAX_ROWS=16"))
         partials = ds.stream_linear(h, weight, bias, summed_by="rope_write_kv")
-        apply_settings(previous)
         got = ds.rope_write_kv_joined(partials, qkv_sizes, d, cos, sin, caches[0], caches[1], slots)
         summed = ds.stream_linear(h, weight, bias)
         want = ds.rope_write_kv_joined(summed, qkv_sizes, d, cos, sin, caches[2], caches[3], slots)
         same_caches = torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
         out[f"split_sum_in_rope_{rows}_rows_identical"] = torch.equal(got, want) and same_caches
         out[f"split_sum_in_rope_{rows}_rows_left_partials"] = isinstance(partials, ds.SplitPartials)
+    apply_settings(previous)
     for rows in (2, 16, 32):  # SiLU * up in the gate/up product's epilogue against the two kernels
         h, weight = torch.randn(rows, hidden, **bf16), torch.randn(2 * inner, hidden, **bf16) / hidden**0.5
         gate, up = ds.stream_linear(h, weight).chunk(2, dim=1)
