@@ -428,13 +428,13 @@ def _launch_stream_linear(x, weight, bias, glu: bool, leave_partials: bool = Fal
     k_slice = triton.cdiv(triton.cdiv(k, block_k), stream_linear_split(m, rows_w, k, x.device)) * block_k
     split = triton.cdiv(k, k_slice)  # no empty slice
     leave_partials = leave_partials and split > 1
+    parts = torch.empty(split, rows, rows_w, device=x.device, dtype=torch.float32) if split > 1 else None
     if leave_partials:  # the kernel stores no output and counts no arrival: parts stands in for both
-        parts = torch.empty(split, rows, rows_w, device=x.device, dtype=torch.float32)
         out = counters = parts
     else:
         out = torch.empty(m, n, device=x.device, dtype=weight.dtype)
-        parts = torch.empty(split, rows, rows_w, device=x.device, dtype=torch.float32) if split > 1 else out
         counters = _split_counters(x.device) if split > 1 else out
+        parts = out if parts is None else parts
     prefetch_lines = STREAM_LINEAR_PREFETCH // 128 if x.is_cuda else 0  # the interpreter runs no PTX
     _stream_linear_kernel[(triton.cdiv(rows_w, block_n), split)](
         x, weight, bias if bias is not None else weight, out, parts, counters, m, n, k, k_slice,
