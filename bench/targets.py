@@ -111,10 +111,11 @@ def main(argv: list[str] | None = None) -> None:
     one_image, baseline = [s for s in one_image if s is not None], [s for s in baseline if s is not None]
 
     images_per_s = None
-    if "wave" not in args.skip and gib < WAVE_MIN_GPU_GIB:
-        print(f"== wave: skipped, {WAVE_IMAGES} images need about {WAVE_MIN_GPU_GIB} GiB, this card has {gib:.0f}")
-    elif "wave" not in args.skip and (wave := run(f"engine_c{WAVE_IMAGES}{suffix}", WAVE, args.out, 420)):
-        images_per_s = wave["engine"][0]["images_per_s"]
+    if "wave" not in args.skip:
+        if gib < WAVE_MIN_GPU_GIB:
+            print(f"== wave: skipped, {WAVE_IMAGES} images need about {WAVE_MIN_GPU_GIB} GiB, this card has {gib:.0f}")
+        elif (wave := run(f"engine_c{WAVE_IMAGES}{suffix}", WAVE, args.out, 420)) is not None:
+            images_per_s = wave["engine"][0]["images_per_s"]
 
     head_vs_floor = None
     if "head" not in args.skip and (head := run(f"head{suffix}", HEAD, args.out, 240)) is not None:
