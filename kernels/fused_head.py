@@ -63,6 +63,10 @@ FEW_ROWS_TILE = (8, 4)  # (weight rows per program, warps): best at 2 and 4 rows
 PDL = True
 # warps per row of the LayerNorm kernel; H200, ms per token vs 4 warps: 512 rows 20.28 vs 20.40, 2 rows 9.40 vs 9.56
 LN_NUM_WARPS = 8
+# The row kernels between the products (the LayerNorms and, on the cuBLAS path, SiLU as a Triton
+# kernel) as programmatic dependents: each starts while the product before it ends and reads all
+# but the product's output before waiting. Off until timed on a GPU (written in session 27).
+ROW_KERNELS_PDL = False
 
 EPILOGUE_BIAS = 0
 EPILOGUE_BIAS_SILU = 1
@@ -259,26 +263,45 @@ if triton is not None:
     @triton.jit
     def _ln_modulate_kernel(
         h_ptr, gate_ptr, y_ptr, h_out_ptr, shift_ptr, scale_ptr, w_ptr, b_ptr, out_ptr, D, stride_h, stride_g,
-        stride_y, stride_mod, stride_o, eps, AFFINE: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr,
+        stride_y, stride_mod, stride_o, eps,
+        AFFINE: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        """ln_modulate, or with RESIDUAL residual_ln_modulate: there only y may be the previous kernel's
+        output, and everything else is read before waiting for it (from L2, .cg: L1 may hold stale
+        lines until the wait)."""
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
-        h = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + row * stride_mod + cols, mask=mask, other=0.0, cache_modifier=".cg")
+        scale = tl.load(scale_ptr + row * stride_mod + cols, mask=mask, other=0.0, cache_modifier=".cg")
+        if AFFINE:
+            ln_w = tl.load(w_ptr + cols, mask=mask, other=1.0).to(tl.float32)
+            ln_b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if RESIDUAL:
+            h = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+            gate = tl.load(gate_ptr + row * stride_g + cols, mask=mask, other=0.0, cache_modifier=".cg")
+        await_predecessor(PDL)
         if RESIDUAL:  # h + gate * y first, rounded as it is stored (the LayerNorm sees the stored value)
-            gate = tl.load(gate_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
             y = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
-            h = (h + gate * y).to(h_out_ptr.dtype.element_ty)
+            h = (h + gate.to(tl.float32) * y).to(h_out_ptr.dtype.element_ty)
             tl.store(h_out_ptr + row * D + cols, h, mask=mask)
             h = h.to(tl.float32)
+        else:
+            h = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
         normed = _normalize(h, mask, D, eps, AXIS=0)
         if AFFINE:
-            normed = normed * tl.load(w_ptr + cols, mask=mask, other=1.0).to(tl.float32)
-            normed = normed + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        shift = tl.load(shift_ptr + row * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.load(scale_ptr + row * stride_mod + cols, mask=mask, other=0.0).to(tl.float32)
-        out = normed * (1.0 + scale) + shift
+            normed = normed * ln_w + ln_b
+        out = normed * (1.0 + scale.to(tl.float32)) + shift.to(tl.float32)
         tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _silu_kernel(x_ptr, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        """x = SiLU(x) in place, x flat with n entries."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        await_predecessor(PDL)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(x_ptr + offs, (x / (1.0 + tl.exp(-x))).to(x_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _guided_update_kernel(
@@ -323,6 +346,10 @@ if triton is not None:
 
 def _pdl(t: torch.Tensor) -> bool:
     return PDL and supports_pdl(t)
+
+
+def _row_kernels_pdl(t: torch.Tensor) -> bool:
+    return ROW_KERNELS_PDL and supports_pdl(t)
 
 
 def _few_rows(rows: int) -> bool:
@@ -407,14 +434,16 @@ def _launch_few_rows(x, weight, bias, out, epilogue, gate, res, m, norm, update)
 
 
 def ln_modulate(h, shift, scale, weight=None, bias=None, eps=LN_EPS, use_triton=None):
-    """See ln_modulate_reference; shift and scale may be column slices of one modulation tensor."""
+    """See ln_modulate_reference; shift and scale may be column slices of one modulation tensor.
+    On CUDA only h may be the previous kernel's output (the rest is read before waiting for it)."""
     if not runs_triton(h, use_triton):
         return ln_modulate_reference(h, shift, scale, weight, bias, eps)
     return _launch_ln_modulate(h, None, None, shift, scale, weight, bias, eps)[1]
 
 
 def residual_ln_modulate(h, gate, y, shift, scale, weight=None, bias=None, eps=LN_EPS, use_triton=None):
-    """See residual_ln_modulate_reference: a residual block's output and the next LayerNorm in one pass."""
+    """See residual_ln_modulate_reference: a residual block's output and the next LayerNorm in one pass.
+    On CUDA only y may be the previous kernel's output (the rest is read before waiting for it)."""
     if not runs_triton(h, use_triton):
         return residual_ln_modulate_reference(h, gate, y, shift, scale, weight, bias, eps)
     return _launch_ln_modulate(h, gate, y, shift, scale, weight, bias, eps)
@@ -426,13 +455,26 @@ def _launch_ln_modulate(h, gate, y, shift, scale, weight, bias, eps):
     residual = gate is not None
     h_out = torch.empty_like(h) if residual else out
     affine = weight is not None
+    pdl = _row_kernels_pdl(h)
     _ln_modulate_kernel[(rows,)](
         h, gate if residual else h, y if residual else h, h_out, shift, scale, weight if affine else h,
         bias if affine else h, out, d, h.stride(0), gate.stride(0) if residual else 0, y.stride(0) if residual else 0,
         shift.stride(0), out.stride(0), eps,
-        AFFINE=affine, RESIDUAL=residual, BLOCK_D=triton.next_power_of_2(d), num_warps=LN_NUM_WARPS,
+        AFFINE=affine, RESIDUAL=residual, BLOCK_D=triton.next_power_of_2(d), PDL=pdl,
+        num_warps=LN_NUM_WARPS, launch_pdl=pdl,
     )  # fmt: skip
     return h_out, out
+
+
+def silu_(x: torch.Tensor, use_triton=None) -> torch.Tensor:
+    """x = SiLU(x) in place (x contiguous); returns x. Triton only with ROW_KERNELS_PDL: launching as
+    a programmatic dependent (sm90+) is its one gain over torch's kernel."""
+    if not (ROW_KERNELS_PDL and runs_triton(x, use_triton)):
+        return F.silu(x, inplace=True)
+    pdl = _row_kernels_pdl(x)
+    block = 1024
+    _silu_kernel[(triton.cdiv(x.numel(), block),)](x, x.numel(), BLOCK=block, PDL=pdl, num_warps=4, launch_pdl=pdl)
+    return x
 
 
 def guided_update(v, x, cfg, cfg_img, rescale, seed, image, token, step, a, b, c, use_triton=None):
@@ -569,7 +611,7 @@ class FusedHead:
         u = ln_modulate(h, shift, scale, blocks[0].in_ln.weight, blocks[0].in_ln.bias, use_triton=use)
         for j, block in enumerate(blocks):
             first, second = block.mlp[0], block.mlp[2]
-            u = F.silu(torch.addmm(first.bias, u, first.weight.t()), inplace=True)
+            u = silu_(torch.addmm(first.bias, u, first.weight.t()), use_triton=use)
             y = torch.addmm(second.bias, u, second.weight.t())
             gate = self._modulation(mod, j)[2]
             shift, scale = self._modulation(mod, j + 1)[:2]

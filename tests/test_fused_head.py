@@ -21,6 +21,7 @@ from kernels.fused_head import (
     ln_modulate_reference,
     residual_ln_modulate,
     residual_ln_modulate_reference,
+    silu_,
 )
 from model.head import FlowMatchingHead
 from model.noise import token_noise
@@ -116,6 +117,15 @@ def test_residual_ln_modulate_kernel_matches_reference(affine):
     torch.testing.assert_close(h_want, h + gate * y)
 
 
+@pytest.mark.parametrize("triton_kernel", [True, False])
+def test_silu_in_place_matches_torch(triton_kernel, monkeypatch):
+    monkeypatch.setattr(fused_head, "ROW_KERNELS_PDL", triton_kernel)  # the Triton kernel only with it
+    x = torch.randn(7, 300) * 4
+    want = torch.nn.functional.silu(x)
+    got = silu_(x, use_triton=True)
+    assert got.data_ptr() == x.data_ptr() and rel(got, want) < 1e-6
+
+
 def _counters(b):
     return (torch.randint(0, 2**62, (b,)), torch.randint(0, 5, (b,)), torch.randint(0, 1000, (b,)))
 
@@ -159,10 +169,12 @@ def test_update_coefficients_reproduce_the_step_functions(sampler, shift):
         torch.testing.assert_close(a * x + b * v + c * z, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("blocks", ["few_rows", "triton", "cublas"])
+@pytest.mark.parametrize("blocks", ["few_rows", "triton", "cublas", "cublas_triton_silu"])
 @pytest.mark.parametrize("modulation_gemm", fused_head.MODULATION_GEMMS)
 def test_fused_velocity_matches_the_head_module(modulation_gemm, blocks, monkeypatch):
     monkeypatch.setattr(fused_head, "MODULATION_GEMM", modulation_gemm)
+    monkeypatch.setattr(fused_head, "ROW_KERNELS_PDL", blocks == "cublas_triton_silu")
+    blocks = blocks.removesuffix("_triton_silu")
     monkeypatch.setattr(fused_head, "FEW_ROWS", 16 if blocks == "few_rows" else 0)
     monkeypatch.setattr(fused_head, "CUBLAS_BLOCKS_MIN_ROWS", 1 if blocks == "cublas" else 1 << 30)
     torch.manual_seed(0)
