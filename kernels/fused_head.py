@@ -266,9 +266,9 @@ if triton is not None:
         stride_y, stride_mod, stride_o, eps,
         AFFINE: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        """ln_modulate, or with RESIDUAL residual_ln_modulate: there only y may be the previous kernel's
-        output, and everything else is read before waiting for it (from L2, .cg: L1 may hold stale
-        lines until the wait)."""
+        """ln_modulate, or residual_ln_modulate with RESIDUAL. Only the input the previous kernel may
+        write (h, or y with RESIDUAL) is read after the dependent-launch wait, the rest before it (from
+        L2, .cg: L1 may hold stale lines until the wait)."""
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
@@ -435,7 +435,7 @@ def _launch_few_rows(x, weight, bias, out, epilogue, gate, res, m, norm, update)
 
 def ln_modulate(h, shift, scale, weight=None, bias=None, eps=LN_EPS, use_triton=None):
     """See ln_modulate_reference; shift and scale may be column slices of one modulation tensor.
-    On CUDA only h may be the previous kernel's output (the rest is read before waiting for it)."""
+    With ROW_KERNELS_PDL only h may be the previous kernel's output (the rest is read before waiting for it)."""
     if not runs_triton(h, use_triton):
         return ln_modulate_reference(h, shift, scale, weight, bias, eps)
     return _launch_ln_modulate(h, None, None, shift, scale, weight, bias, eps)[1]
@@ -443,7 +443,7 @@ def ln_modulate(h, shift, scale, weight=None, bias=None, eps=LN_EPS, use_triton=
 
 def residual_ln_modulate(h, gate, y, shift, scale, weight=None, bias=None, eps=LN_EPS, use_triton=None):
     """See residual_ln_modulate_reference: a residual block's output and the next LayerNorm in one pass.
-    On CUDA only y may be the previous kernel's output (the rest is read before waiting for it)."""
+    With ROW_KERNELS_PDL only y may be the previous kernel's output (the rest is read before waiting for it)."""
     if not runs_triton(h, use_triton):
         return residual_ln_modulate_reference(h, gate, y, shift, scale, weight, bias, eps)
     return _launch_ln_modulate(h, gate, y, shift, scale, weight, bias, eps)
