@@ -63,10 +63,11 @@ FEW_ROWS_TILE = (8, 4)  # (weight rows per program, warps): best at 2 and 4 rows
 PDL = True
 # warps per row of the LayerNorm kernel; H200, ms per token vs 4 warps: 512 rows 20.28 vs 20.40, 2 rows 9.40 vs 9.56
 LN_NUM_WARPS = 8
-# The row kernels between the products (the LayerNorms and, on the cuBLAS path, SiLU as a Triton
-# kernel) as programmatic dependents: each starts while the product before it ends and reads all
-# but the product's output before waiting. Off until timed on a GPU (written in session 27).
-ROW_KERNELS_PDL = False
+# Beyond FEW_ROWS, the head's Triton kernels (products, LayerNorms, the guided update and, on the
+# cuBLAS path, SiLU as a Triton kernel) as programmatic dependents too: each starts while the kernel
+# before it ends, and the row kernels read all but its output before waiting. Off until timed on a
+# GPU (written in session 27, no device then).
+MANY_ROWS_PDL = False
 
 EPILOGUE_BIAS = 0
 EPILOGUE_BIAS_SILU = 1
@@ -140,8 +141,9 @@ if triton is not None:
         x_ptr, w_ptr, b_ptr, out_ptr, gate_ptr, res_ptr,
         M, N, K, X_ROWS, stride_xm, stride_wn, stride_om, stride_gm, stride_rm,
         EPILOGUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PRECISION: tl.constexpr,
+        PRECISION: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        await_predecessor(PDL)
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -348,8 +350,8 @@ def _pdl(t: torch.Tensor) -> bool:
     return PDL and supports_pdl(t)
 
 
-def _row_kernels_pdl(t: torch.Tensor) -> bool:
-    return ROW_KERNELS_PDL and supports_pdl(t)
+def _many_rows_pdl(t: torch.Tensor) -> bool:
+    return MANY_ROWS_PDL and supports_pdl(t)
 
 
 def _few_rows(rows: int) -> bool:
@@ -372,11 +374,12 @@ def linear(x, weight, bias, epilogue=EPILOGUE_BIAS, gate=None, residual=None, ro
     config = LINEAR_CONFIG or (TINY_M_CONFIG if m <= TINY_M else SMALL_M_CONFIG if m <= LARGE_M else LARGE_M_CONFIG)
     block_m = config.get("BLOCK_M") or (64 if m > 32 else (32 if m > 16 else 16))
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, config["BLOCK_N"]))
+    pdl = _many_rows_pdl(x)
     _linear_kernel[grid](
         x, weight, bias, out, gate_t, res_t, m, n, k, x_rows,
         x.stride(0), weight.stride(0), out.stride(0), gate_t.stride(0), res_t.stride(0),
         EPILOGUE=epilogue, BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
-        PRECISION=precision, num_warps=config["num_warps"], num_stages=config["num_stages"],
+        PRECISION=precision, PDL=pdl, num_warps=config["num_warps"], num_stages=config["num_stages"], launch_pdl=pdl,
     )  # fmt: skip
     return out
 
@@ -435,7 +438,7 @@ def _launch_few_rows(x, weight, bias, out, epilogue, gate, res, m, norm, update)
 
 def ln_modulate(h, shift, scale, weight=None, bias=None, eps=LN_EPS, use_triton=None):
     """See ln_modulate_reference; shift and scale may be column slices of one modulation tensor.
-    With ROW_KERNELS_PDL only h may be the previous kernel's output (the rest is read before waiting for it)."""
+    With MANY_ROWS_PDL only h may be the previous kernel's output (the rest is read before waiting for it)."""
     if not runs_triton(h, use_triton):
         return ln_modulate_reference(h, shift, scale, weight, bias, eps)
     return _launch_ln_modulate(h, None, None, shift, scale, weight, bias, eps)[1]
@@ -443,7 +446,7 @@ def ln_modulate(h, shift, scale, weight=None, bias=None, eps=LN_EPS, use_triton=
 
 def residual_ln_modulate(h, gate, y, shift, scale, weight=None, bias=None, eps=LN_EPS, use_triton=None):
     """See residual_ln_modulate_reference: a residual block's output and the next LayerNorm in one pass.
-    With ROW_KERNELS_PDL only y may be the previous kernel's output (the rest is read before waiting for it)."""
+    With MANY_ROWS_PDL only y may be the previous kernel's output (the rest is read before waiting for it)."""
     if not runs_triton(h, use_triton):
         return residual_ln_modulate_reference(h, gate, y, shift, scale, weight, bias, eps)
     return _launch_ln_modulate(h, gate, y, shift, scale, weight, bias, eps)
@@ -455,7 +458,7 @@ def _launch_ln_modulate(h, gate, y, shift, scale, weight, bias, eps):
     residual = gate is not None
     h_out = torch.empty_like(h) if residual else out
     affine = weight is not None
-    pdl = _row_kernels_pdl(h)
+    pdl = _many_rows_pdl(h)
     _ln_modulate_kernel[(rows,)](
         h, gate if residual else h, y if residual else h, h_out, shift, scale, weight if affine else h,
         bias if affine else h, out, d, h.stride(0), gate.stride(0) if residual else 0, y.stride(0) if residual else 0,
@@ -467,11 +470,11 @@ def _launch_ln_modulate(h, gate, y, shift, scale, weight, bias, eps):
 
 
 def silu_(x: torch.Tensor, use_triton=None) -> torch.Tensor:
-    """x = SiLU(x) in place (x contiguous); returns x. Triton only with ROW_KERNELS_PDL: launching as
+    """x = SiLU(x) in place (x contiguous); returns x. Triton only with MANY_ROWS_PDL: launching as
     a programmatic dependent (sm90+) is its one gain over torch's kernel."""
-    if not (ROW_KERNELS_PDL and runs_triton(x, use_triton)):
+    if not (MANY_ROWS_PDL and runs_triton(x, use_triton)):
         return F.silu(x, inplace=True)
-    pdl = _row_kernels_pdl(x)
+    pdl = _many_rows_pdl(x)
     block = 1024
     _silu_kernel[(triton.cdiv(x.numel(), block),)](x, x.numel(), BLOCK=block, PDL=pdl, num_warps=4, launch_pdl=pdl)
     return x
@@ -495,7 +498,7 @@ def guided_update(v, x, cfg, cfg_img, rescale, seed, image, token, step, a, b, c
     rows, dim = x.shape
     out = torch.empty(rows, dim, device=x.device, dtype=torch.float32)
     slots = v.shape[0] if v is not None else 2
-    pdl = _pdl(x) and _few_rows(slots * rows)
+    pdl = _pdl(x) if _few_rows(slots * rows) else _many_rows_pdl(x)
     _guided_update_kernel[(rows,)](
         v if v is not None else x, x, out, cfg, cfg_img, rescale, seed, image, token,
         rows, step, float(a), float(b), float(c),

@@ -119,7 +119,7 @@ def test_residual_ln_modulate_kernel_matches_reference(affine):
 
 @pytest.mark.parametrize("triton_kernel", [True, False])
 def test_silu_in_place_matches_torch(triton_kernel, monkeypatch):
-    monkeypatch.setattr(fused_head, "ROW_KERNELS_PDL", triton_kernel)  # the Triton kernel only with it
+    monkeypatch.setattr(fused_head, "MANY_ROWS_PDL", triton_kernel)  # the Triton kernel only with it
     x = torch.randn(7, 300) * 4
     want = torch.nn.functional.silu(x)
     got = silu_(x, use_triton=True)
@@ -173,7 +173,7 @@ def test_update_coefficients_reproduce_the_step_functions(sampler, shift):
 @pytest.mark.parametrize("modulation_gemm", fused_head.MODULATION_GEMMS)
 def test_fused_velocity_matches_the_head_module(modulation_gemm, blocks, monkeypatch):
     monkeypatch.setattr(fused_head, "MODULATION_GEMM", modulation_gemm)
-    monkeypatch.setattr(fused_head, "ROW_KERNELS_PDL", blocks == "cublas_triton_silu")
+    monkeypatch.setattr(fused_head, "MANY_ROWS_PDL", blocks == "cublas_triton_silu")
     blocks = blocks.removesuffix("_triton_silu")
     monkeypatch.setattr(fused_head, "FEW_ROWS", 16 if blocks == "few_rows" else 0)
     monkeypatch.setattr(fused_head, "CUBLAS_BLOCKS_MIN_ROWS", 1 if blocks == "cublas" else 1 << 30)
