@@ -161,12 +161,16 @@ if triton is not None:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         mask = row_ok[:, None] & (rn[None, :] < N)
         if EPILOGUE == 1:
-            acc = acc / (1.0 + tl.exp(-acc))
+            acc = _silu(acc)
         if EPILOGUE == 2:
             gate = tl.load(gate_ptr + rm[:, None] * stride_gm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
             res = tl.load(res_ptr + rm[:, None] * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
             acc = res + gate * acc
         tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _silu(x):
+        return x / (1.0 + tl.exp(-x))
 
     @triton.jit
     def _normalize(x, mask, D, eps, AXIS: tl.constexpr):
@@ -225,7 +229,7 @@ if triton is not None:
         x = x.to(w_ptr.dtype.element_ty).to(tl.float32)  # rounded as the unfused kernels store it
         acc = tl.sum(x[:, None, :] * w.to(tl.float32)[None, :, :], axis=2) + bias[None, :]
         if EPILOGUE == 1:
-            acc = acc / (1.0 + tl.exp(-acc))
+            acc = _silu(acc)
         if EPILOGUE == 2:
             acc = res.to(tl.float32) + gate.to(tl.float32) * acc
         if EPILOGUE == 3:
@@ -303,7 +307,7 @@ if triton is not None:
         mask = offs < n
         await_predecessor(PDL)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(x_ptr + offs, (x / (1.0 + tl.exp(-x))).to(x_ptr.dtype.element_ty), mask=mask)
+        tl.store(x_ptr + offs, _silu(x).to(x_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _guided_update_kernel(
