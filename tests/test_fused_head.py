@@ -169,12 +169,12 @@ def test_update_coefficients_reproduce_the_step_functions(sampler, shift):
         torch.testing.assert_close(a * x + b * v + c * z, want, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("blocks", ["few_rows", "triton", "cublas", "cublas_triton_silu"])
+# MANY_ROWS_PDL on the cuBLAS path: SiLU as the Triton kernel
+@pytest.mark.parametrize("blocks,many_rows_pdl", [("few_rows", False), ("triton", False), ("cublas", False), ("cublas", True)])
 @pytest.mark.parametrize("modulation_gemm", fused_head.MODULATION_GEMMS)
-def test_fused_velocity_matches_the_head_module(modulation_gemm, blocks, monkeypatch):
+def test_fused_velocity_matches_the_head_module(modulation_gemm, blocks, many_rows_pdl, monkeypatch):
     monkeypatch.setattr(fused_head, "MODULATION_GEMM", modulation_gemm)
-    monkeypatch.setattr(fused_head, "MANY_ROWS_PDL", blocks == "cublas_triton_silu")
-    blocks = blocks.removesuffix("_triton_silu")
+    monkeypatch.setattr(fused_head, "MANY_ROWS_PDL", many_rows_pdl)
     monkeypatch.setattr(fused_head, "FEW_ROWS", 16 if blocks == "few_rows" else 0)
     monkeypatch.setattr(fused_head, "CUBLAS_BLOCKS_MIN_ROWS", 1 if blocks == "cublas" else 1 << 30)
     torch.manual_seed(0)
